@@ -1,0 +1,9 @@
+"""dermfast: fast skin-lesion pipelines (synthesis, MAE pretraining, distillation) on custom kernels.
+
+`import dermfast` needs torch and numpy only: Triton, DALI, diffusers and the compiled extension are optional
+and reported by `python -m dermfast.info`.
+"""
+from dermfast._optional import HAS_CUDA_EXT, HAS_DALI, HAS_DIFFUSERS, HAS_TRITON
+
+__version__ = "0.1.0"
+__all__ = ["HAS_CUDA_EXT", "HAS_DALI", "HAS_DIFFUSERS", "HAS_TRITON", "__version__"]

@@ -1,0 +1,182 @@
+"""Masked autoencoder ViT (He et al. 2021) built from timm blocks and dermfast ops.
+
+The encoder sees only the visible patches (`dermfast.ops.random_masking`); a light decoder reconstructs every
+patch; the loss is `dermfast.ops.mae_loss` on removed patches. Blocks are injected (`block_layer`), so the
+fused-attention block drops in without touching this file. Position embeddings are fixed 2-D sin-cos, as in
+the paper. Presets are registered by name with `@register_preset`; no special cases by model name.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dermfast.ops import mae_loss, random_masking
+
+
+@dataclass(frozen=True)
+class MAEPreset:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    blr: float = 1.5e-4  # base learning rate per 256 images (the paper's); lr = blr * batch / 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_PRESETS: dict[str, MAEPreset] = {}
+
+
+def register_preset(name: str) -> Callable[[Callable[[], MAEPreset]], Callable[[], MAEPreset]]:
+    def deco(fn: Callable[[], MAEPreset]) -> Callable[[], MAEPreset]:
+        _PRESETS[name] = fn()
+        return fn
+    return deco
+
+
+def presets() -> dict[str, MAEPreset]:
+    return dict(_PRESETS)
+
+
+def get_preset(name: str) -> MAEPreset:
+    if name not in _PRESETS:
+        raise KeyError(f"unknown preset {name!r}; accepted: {', '.join(_PRESETS)}")
+    return _PRESETS[name]
+
+
+@register_preset("demo")
+def _demo() -> MAEPreset:
+    # Small enough to pretrain for a few epochs on 2 CPU cores in about a minute.
+    return MAEPreset(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3,
+                     decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, blr=5e-3)
+
+
+@register_preset("vit_b16")
+def _vit_b16() -> MAEPreset:
+    return MAEPreset(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+
+
+@register_preset("vit_l16")
+def _vit_l16() -> MAEPreset:
+    return MAEPreset(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+
+
+@register_preset("vit_h14")
+def _vit_h14() -> MAEPreset:
+    return MAEPreset(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (MAE `get_2d_sincos_pos_embed`, no cls token)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(grid, dtype=torch.float64)
+    gh, gw = torch.meshgrid(coords, coords, indexing="ij")
+
+    def emb(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1)[:, None] * omega[None, :]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([emb(gw), emb(gh)], dim=1).float()
+
+
+def _default_block() -> Callable[..., nn.Module]:
+    from timm.models.vision_transformer import Block  # timm imported lazily: `import dermfast` stays light
+    return Block
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT encoder. forward(imgs [B, C, H, W], seed, step) -> (loss, pred [B, L, p*p*C], mask [B, L]).
+
+    Mask semantics: 0 keep, 1 remove. The mask is a pure function of (seed, step, sample index), so the same
+    call reproduces the same masking on any device.
+    """
+
+    def __init__(self, cfg: MAEPreset, block_layer: Callable[..., nn.Module] | None = None):
+        super().__init__()
+        from timm.layers import PatchEmbed
+
+        block_layer = block_layer or _default_block()
+        self.cfg = cfg
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.grid = cfg.img_size // cfg.patch_size
+        self.num_patches = self.grid * self.grid
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.embed_dim, self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList([block_layer(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True)
+                                     for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+
+        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed",
+                             sincos_pos_embed_2d(cfg.decoder_embed_dim, self.grid)[None], persistent=False)
+        self.decoder_blocks = nn.ModuleList([
+            block_layer(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True)
+            for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size ** 2 * cfg.in_chans)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_encoder(self, imgs: torch.Tensor, seed: int, step: int, mask_ratio: float | None = None):
+        x = self.patch_embed(imgs)
+        ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        x, mask, ids_restore, _ = random_masking(x, ratio, seed, step, pos_embed=self.pos_embed)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(x)
+        B, n_vis, D = x.shape[0], x.shape[1] - 1, x.shape[2]
+        L = ids_restore.shape[1]
+        tokens = torch.cat([x[:, 1:], self.mask_token.expand(B, L - n_vis, -1)], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore[:, :, None].expand(-1, -1, D))
+        x = torch.cat([x[:, :1], tokens + self.decoder_pos_embed.to(tokens.dtype)], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def forward(self, imgs: torch.Tensor, seed: int = 0, step: int = 0, mask_ratio: float | None = None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, seed, step, mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss)
+        return loss, pred, mask
+
+
+def mae_from_preset(name: str, **overrides) -> MaskedAutoencoderViT:
+    cfg = get_preset(name)
+    if overrides:
+        cfg = MAEPreset(**{**cfg.to_dict(), **overrides})
+    return MaskedAutoencoderViT(cfg)

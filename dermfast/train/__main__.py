@@ -1,0 +1,5 @@
+import sys
+
+from dermfast.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""Stage configs: one dataclass per stage; defaults < YAML file (--config) < command-line flags.
+
+The resolved config is written to the run directory as config.yaml, and reloading that file reproduces the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value or file: reported as one line by the CLI (exit code 2)."""
+
+
+@dataclass
+class MAEConfig:
+    data: str | None = None          # dataset path; None = the embedded procedural dataset
+    preset: str = "demo"             # model preset (dermfast.models.mae presets)
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float | None = None          # absolute LR; None = blr * batch_size / 256 (MAE rule)
+    blr: float | None = None         # None = the preset's
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+    accum_steps: int = 1
+    mask_ratio: float | None = None  # None = the preset's (0.75)
+    img_size: int | None = None      # None = the preset's
+    seed: int = 0
+    out: str = "runs/mae"
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    workers: int = -1                # -1 = min(cores, 8)
+    loader: str = "torch"
+    toy_images: int = 1200           # size of the embedded dataset when data is None
+    toy_image_size: int = 128
+    log_every: int = 10
+    max_steps: int | None = None     # stop early (smoke tests); None = epochs * steps per epoch
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
+        if self.accum_steps < 1:
+            raise ConfigError(f"accum-steps must be >= 1, got {self.accum_steps}")
+        if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mask-ratio must be in [0, 1), got {self.mask_ratio}")
+
+
+STAGE_CONFIGS: dict[str, type] = {"mae": MAEConfig}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type, file_values: dict[str, Any], cli_values: dict[str, Any]):
+    """Defaults, then values from the YAML file, then explicit CLI flags (those not None)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_values) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) in config file: {', '.join(unknown)}; accepted: "
+                          f"{', '.join(sorted(names))}")
+    values = {**file_values, **{k: v for k, v in cli_values.items() if v is not None and k in names}}
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

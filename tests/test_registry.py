@@ -1,0 +1,95 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dermfast.ops import BackendUnavailable, random_masking, use_backend
+from dermfast.ops.registry import BACKENDS, Op, Query, dtype_in, needs_cuda_device, ops, set_backend
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.pop("DERMFAST_BACKEND", None)
+    env.update(extra)
+    return env
+
+
+def test_builtin_ops_are_registered_with_a_torch_reference():
+    names = set(ops())
+    assert {"random_masking", "mae_loss"} <= names
+    for op in ops().values():
+        assert "torch" in op.impls, f"{op.name} has no torch reference"
+
+
+def test_automatic_choice_falls_back_in_priority_order():
+    op = Op("toy_op")
+    op.register("cuda", needs_cuda_device)(lambda x: "cuda")
+    op.register("triton", dtype_in(torch.float16))(lambda x: "triton")
+    op.register("torch")(lambda x: "torch")
+    cpu32 = Query(torch.device("cpu"), torch.float32)
+    cpu16 = Query(torch.device("cpu"), torch.float16)
+    assert op(cpu32, 1) == "torch"
+    assert op(cpu16, 1) == "triton"
+    assert [b for b in BACKENDS] == ["cuda", "triton", "torch"]
+
+
+def test_explicit_backend_is_refused_with_every_reason():
+    op = Op("toy_op")
+    op.register("cuda", needs_cuda_device)(lambda x: "cuda")
+    op.register("torch")(lambda x: "torch")
+    q = Query(torch.device("cpu"), torch.float32, {"L": 7})
+    with pytest.raises(BackendUnavailable) as e:
+        op(q, 1, backend="cuda")
+    msg = str(e.value)
+    assert "'cuda' was requested" in msg
+    assert "needs a CUDA tensor, got a cpu tensor" in msg
+    assert "no triton implementation of toy_op yet" in msg
+    assert "torch: would fit" in msg
+
+
+def test_explicit_backend_on_a_real_op_and_the_global_setter():
+    x = torch.randn(2, 9, 8)
+    with pytest.raises(BackendUnavailable, match="random_masking: backend 'triton' was requested"):
+        random_masking(x, 0.5, seed=0, step=0, backend="triton")
+    with use_backend("cuda"):
+        with pytest.raises(BackendUnavailable, match="cuda: "):
+            random_masking(x, 0.5, seed=0, step=0)
+    out = random_masking(x, 0.5, seed=0, step=0)  # restored to automatic
+    assert out[0].shape == (2, 4, 8)
+    with pytest.raises(ValueError, match="accepted: auto, cuda, triton, torch"):
+        set_backend("tpu")
+
+
+def test_env_var_requests_a_backend():
+    code = ("import torch, dermfast.ops as o\n"
+            "try:\n    o.random_masking(torch.randn(1, 4, 4), 0.5, 0, 0)\n"
+            "except o.BackendUnavailable as e:\n    print('REFUSED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=_env(DERMFAST_BACKEND="triton"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "REFUSED" in r.stdout and "triton" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import dermfast.ops"], capture_output=True, text=True,
+                       env=_env(DERMFAST_BACKEND="bogus"), timeout=120)
+    assert r.returncode != 0 and "DERMFAST_BACKEND='bogus' is not a backend" in r.stderr
+
+
+def test_import_without_triton_dali_or_extension():
+    code = ("import sys\nfor m in ('triton', 'dermfast._C', 'nvidia', 'nvidia.dali', 'diffusers'):\n"
+            "    sys.modules[m] = None\n"
+            "import dermfast, dermfast.ops, dermfast.models.mae, dermfast.train.cli\n"
+            "print(dermfast.HAS_TRITON, dermfast.HAS_CUDA_EXT, dermfast.HAS_DALI)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False", "False"]
+
+
+def test_info_reports_the_backend_per_op():
+    r = subprocess.run([sys.executable, "-m", "dermfast.info"], capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "torch " in out and "op dispatch" in out
+    assert "random_masking   -> torch" in out and "mae_loss         -> torch" in out
+    assert "no triton implementation of mae_loss yet" in out
