@@ -225,12 +225,13 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
             "triton>=3.0; platform_system == 'Linux'",
         ],
         extras_require={
-            # DALI wheels exist for Linux only; nvidia-dali-cuda130 starts at 1.51 on PyPI. Use dali-cuda12 with a
-            # CUDA 12 driver / torch cu12x build.
-            "dali": ["nvidia-dali-cuda130>=1.51; platform_system == 'Linux'"],
-            "dali-cuda12": ["nvidia-dali-cuda120>=1.40; platform_system == 'Linux'"],
+            # DALI wheels exist for Linux only; tested with 2.4 (the loader relies on the 2.x dynamic executor).
+            # Use dali-cuda12 with a CUDA 12 driver / torch cu12x build.
+            "dali": ["nvidia-dali-cuda130>=2.0; platform_system == 'Linux'"],
+            "dali-cuda12": ["nvidia-dali-cuda120>=2.0; platform_system == 'Linux'"],
             "synth": ["diffusers>=0.30", "peft>=0.10", "transformers>=4.40"],
-            "test": ["pytest>=7", "numba>=0.58"],
+            "isic2024": ["h5py>=3"],  # the ISIC 2024 (SLICE-3D) HDF5 of JPEG bytes
+            "test": ["pytest>=7", "numba>=0.58", "h5py>=3"],
         },
         zip_safe=False,
     )

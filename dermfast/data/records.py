@@ -1,12 +1,13 @@
 """Image records: the one in-memory form every dataset adapter produces and every loader consumes.
 
-`ImageRecords` holds file paths, integer labels (-1 = unlabelled), the class names, and a source flag per image
-(0 real, 1 synthetic). `open_dataset(path)` recognises the layouts dermfast reads and raises `DatasetError`
+`ImageRecords` holds file paths (or keys into a `store` of encoded images, e.g. an HDF5 file), integer labels
+(-1 = unlabelled), the class names, a source flag per image (0 real, 1 synthetic), and optional groups
+(e.g. HAM10000 lesion_id, so a split never puts one lesion on both sides). Loaders read encoded bytes through
+`read_bytes(i)` and decode themselves (PIL, or DALI's decoder), so files and stores look the same to them. `open_dataset(path)` recognises the layouts dermfast reads and raises `DatasetError`
 (a one-line message) for a path that does not exist or holds no images.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ class ImageRecords:
     classes: list[str]
     source: np.ndarray = field(default=None)  # [N] uint8, 0 real, 1 synthetic
     root: str = ""
+    groups: np.ndarray | None = None       # [N] object/str, e.g. lesion_id; None = every image its own group
+    store: object | None = None            # has .read(key) -> bytes; None = paths are files
+    missing: list = field(default_factory=list)  # [(name, reason)] rows an adapter skipped; never silent
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -34,6 +38,10 @@ class ImageRecords:
         self.source = np.asarray(self.source, dtype=np.uint8)
         if not (len(self.paths) == len(self.labels) == len(self.source)):
             raise ValueError("ImageRecords: paths, labels and source must have the same length")
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups, dtype=object)
+            if len(self.groups) != len(self.paths):
+                raise ValueError("ImageRecords: groups must have one entry per image")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -41,7 +49,15 @@ class ImageRecords:
     def subset(self, idx) -> "ImageRecords":
         idx = np.asarray(idx, dtype=np.int64)
         return ImageRecords([self.paths[i] for i in idx], self.labels[idx], list(self.classes),
-                            self.source[idx], self.root)
+                            self.source[idx], self.root,
+                            None if self.groups is None else self.groups[idx], self.store, list(self.missing))
+
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded image i (JPEG, PNG, ...), from its file or from the store."""
+        if self.store is not None:
+            return self.store.read(self.paths[i])
+        with open(self.paths[i], "rb") as f:
+            return f.read()
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
@@ -57,39 +73,6 @@ def _find_image(images_dir: Path, stem: str) -> Path | None:
             if cand.is_file():
                 return cand
     return None
-
-
-def read_labels_csv(root: Path, csv_name: str = "labels.csv", label_columns=("label", "diagnosis", "dx")) -> ImageRecords:
-    """A folder with `labels.csv` (columns `image` and one of label / diagnosis / dx) and `images/`.
-
-    Covers the embedded toy dataset and ../shared/data/isic-cc0-mini. Rows whose file is missing are skipped
-    and counted in `records.missing` (never silently).
-    """
-    root = Path(root)
-    with open(root / csv_name, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise DatasetError(f"{root / csv_name} has no rows")
-    col = next((c for c in label_columns if c in rows[0]), None)
-    if "image" not in rows[0] or col is None:
-        raise DatasetError(f"{root / csv_name} needs columns 'image' and one of {', '.join(label_columns)}; "
-                           f"found {', '.join(rows[0])}")
-    images_dir = root / "images" if (root / "images").is_dir() else root
-    classes = sorted({r[col] for r in rows})
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels, missing = [], [], []
-    for r in rows:
-        p = _find_image(images_dir, r["image"])
-        if p is None:
-            missing.append(r["image"])
-            continue
-        paths.append(str(p))
-        labels.append(index[r[col]])
-    if not paths:
-        raise DatasetError(f"{root}: none of the {len(rows)} images listed in {csv_name} exist under {images_dir}")
-    rec = ImageRecords(paths, np.array(labels), classes, root=str(root))
-    rec.missing = missing  # type: ignore[attr-defined]
-    return rec
 
 
 def read_image_folder(root: Path) -> ImageRecords:
@@ -112,13 +95,10 @@ def read_image_folder(root: Path) -> ImageRecords:
     return ImageRecords([str(p) for p in files], np.full(len(files), -1), [], root=str(root))
 
 
-def open_dataset(path: str | Path) -> ImageRecords:
-    """Recognise a dataset layout at `path`: labels.csv + images/, class subfolders, or a flat image folder."""
+def open_dataset(path: str | Path, format: str = "auto") -> ImageRecords:
+    """Recognise a dataset layout at `path` (see `dermfast.data.adapters.open_any`) and read it."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DatasetError(f"data path {str(path)!r} does not exist")
-    if not root.is_dir():
-        raise DatasetError(f"data path {str(path)!r} is not a directory")
-    if (root / "labels.csv").is_file():
-        return read_labels_csv(root)
-    return read_image_folder(root)
+    from dermfast.data.adapters import open_any
+    return open_any(root, format=format)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dermfast.data.loader import LoaderUnavailable
 from dermfast.data.records import DatasetError
 from dermfast.train.config import STAGE_CONFIGS, ConfigError, build_config, load_yaml
 
@@ -31,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<stage>)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data loader workers (default: cores, at most 8)")
+    p.add_argument("--loader", help="auto (default: DALI when installed), dali, dali-gpu, dali-cpu or torch")
+    p.add_argument("--synthetic", help="synthesis output folder (manifest.csv + images/) to add to training")
+    p.add_argument("--balance", help="none (default) or equal: class-balanced batches")
+    p.add_argument("--neg-keep", type=float, dest="neg_keep",
+                   help="keep this fraction (< 1) or count (>= 1) of the majority class each epoch")
+    p.add_argument("--synth-ratio", type=float, dest="synth_ratio",
+                   help="synthetic images per real image (1, 3, 15; inf = synthetic only)")
     p.add_argument("--max-steps", type=int, dest="max_steps", help="stop after this many optimiser steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail(f"unknown preset {cfg.preset!r}; accepted: {', '.join(presets())}")
             from dermfast.train.mae import run_mae
             run_mae(cfg, progress=not args.no_progress)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, LoaderUnavailable) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted")

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 class MAEConfig:
     data: str | None = None          # dataset path; None = the embedded procedural dataset
     preset: str = "demo"             # model preset (dermfast.models.mae presets)
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = 64
     lr: float | None = None          # absolute LR; None = blr * batch_size / 256 (MAE rule)
     blr: float | None = None         # None = the preset's
@@ -34,7 +34,11 @@ class MAEConfig:
     out: str = "runs/mae"
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     workers: int = -1                # -1 = min(cores, 8)
-    loader: str = "torch"
+    loader: str = "auto"             # auto | dali | dali-gpu | dali-cpu | torch
+    synthetic: str | None = None     # synthesis output folder (manifest.csv + images/), joins the train split
+    balance: str = "none"            # none | equal: class-balanced batches (rare classes oversampled)
+    neg_keep: float | None = None    # keep this fraction (< 1) or count (>= 1) of the majority class per epoch
+    synth_ratio: float | None = None  # synthetic images per real image, per class (1, 3, 15; inf = synthetic only)
     toy_images: int = 1200           # size of the embedded dataset when data is None
     toy_image_size: int = 128
     log_every: int = 10
@@ -48,6 +52,11 @@ class MAEConfig:
             raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
         if self.accum_steps < 1:
             raise ConfigError(f"accum-steps must be >= 1, got {self.accum_steps}")
+        if self.balance not in ("none", "equal"):
+            raise ConfigError(f"balance must be one of: none, equal; got {self.balance!r}")
+        from dermfast.data.loader import LOADERS
+        if self.loader not in LOADERS:
+            raise ConfigError(f"unknown loader {self.loader!r}; accepted: {', '.join(LOADERS)}")
         if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"mask-ratio must be in [0, 1), got {self.mask_ratio}")
 

@@ -10,22 +10,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dermfast.data.records import ImageRecords, open_dataset, read_labels_csv
-from dermfast.data.torch_loader import RecordsDataset, build_torch_loader, eval_transform
+from dermfast.data.pipeline import prepare_data
+from dermfast.data.augment import mae_augment
+from dermfast.data.loader import build_loader
+from dermfast.data.sampler import BalancedSampler
 from dermfast.eval.mae_vis import save_reconstruction_png
 from dermfast.models.mae import MAEPreset, MaskedAutoencoderViT, get_preset
 from dermfast.train.config import ConfigError, MAEConfig, save_config
 from dermfast.train.engine import (CSVLog, autocast, build_optimizer, resolve_device, save_checkpoint,
                                    seed_everything, warmup_cosine)
-
-
-def load_records(cfg: MAEConfig, progress: bool = True) -> ImageRecords:
-    if cfg.data is None:
-        from dermfast.data.toy import generate_toy_dataset
-        root = generate_toy_dataset(n_images=cfg.toy_images, image_size=cfg.toy_image_size, seed=0,
-                                    progress=progress)
-        return read_labels_csv(root)
-    return open_dataset(cfg.data)
 
 
 def resolve_preset(cfg: MAEConfig) -> MAEPreset:
@@ -37,15 +30,33 @@ def resolve_preset(cfg: MAEConfig) -> MAEPreset:
     return MAEPreset(**{**preset.to_dict(), **overrides}) if overrides else preset
 
 
+def make_sampler(cfg: MAEConfig, records) -> BalancedSampler:
+    """Natural order by default; --balance equal / --neg-keep / --synth-ratio need labels."""
+    labels = records.labels
+    if (cfg.balance != "none" or cfg.neg_keep is not None) and labels.min() < 0:
+        raise ConfigError("--balance and --neg-keep need labelled data")
+    fractions = None if cfg.balance == "none" else cfg.balance
+    try:
+        return BalancedSampler(labels.clip(min=0), records.source, class_fractions=fractions,
+                               neg_keep=cfg.neg_keep, synth_ratio=cfg.synth_ratio, seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
     """Pretrain an MAE as configured; returns the run directory."""
     preset = resolve_preset(cfg)
     device = resolve_device(cfg.device)
-    records = load_records(cfg, progress)
+    run_dir = Path(cfg.out)
+    data = prepare_data(cfg.data, run_dir, synthetic=cfg.synthetic, seed=cfg.seed, require_labels=False,
+                        toy_images=cfg.toy_images, toy_image_size=cfg.toy_image_size, progress=progress)
+    records = data.part("train")  # pretraining sees the training split only; val / test stay unseen
     seed_everything(cfg.seed)
     model = MaskedAutoencoderViT(preset).to(device)
-    loader = build_torch_loader(records, preset.img_size, cfg.batch_size, train=True, seed=cfg.seed,
-                                workers=cfg.workers)
+    aug = mae_augment(preset.img_size)
+    sampler = make_sampler(cfg, records)
+    loader = build_loader(records, aug, cfg.batch_size, train=True, sampler=sampler, loader=cfg.loader,
+                          device=device, seed=cfg.seed, workers=cfg.workers)
     steps_per_epoch = max(1, len(loader) // cfg.accum_steps)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -56,8 +67,6 @@ def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, int(cfg.warmup_epochs * steps_per_epoch), lr, cfg.min_lr))
 
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "log.csv").unlink(missing_ok=True)
     log = CSVLog(run_dir / "log.csv")
@@ -71,8 +80,9 @@ def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
     model.train()
     done = False
     for epoch in range(cfg.epochs):
+        loader.set_epoch(epoch)
         for batch in loader:
-            imgs = batch["image"].to(device, non_blocking=True)
+            imgs = batch["image"]
             with autocast(device):
                 loss, _, _ = model(imgs, seed=cfg.seed, step=micro)
             (loss / cfg.accum_steps).backward()
@@ -106,8 +116,8 @@ def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
 
     meta = {"stage": "mae", "preset": preset.to_dict(), "step": step, "epoch": epoch, "seed": cfg.seed}
     save_checkpoint(run_dir / "checkpoint.safetensors", model, meta)
-    vis_ds = RecordsDataset(records, eval_transform(preset.img_size))
-    vis = torch.stack([vis_ds[i]["image"] for i in range(min(8, len(records)))]).to(device)
+    vis = next(iter(build_loader(records.subset(range(min(8, len(records)))), aug, 8, train=False,
+                                 loader=cfg.loader, device=device, workers=0)))["image"]
     save_reconstruction_png(model, vis, run_dir / "reconstruction.png", seed=cfg.seed)
     print(f"mae: done in {time.perf_counter() - t0:.0f} s; wrote {run_dir}/"
           "{config.yaml, log.csv, checkpoint.safetensors, reconstruction.png}")

@@ -1,0 +1,209 @@
+"""DaliLoader on DALI's CPU pipeline (CI installs nvidia-dali-cuda130), plus one GPU-marked test.
+
+Small generated JPEGs (smooth random content, sizes 48..120 px) and 32 px outputs keep the module fast.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from dermfast.data import dali_loader as dl  # noqa: E402
+from dermfast.data.augment import Augment  # noqa: E402
+from dermfast.data.dali_loader import DaliLoader  # noqa: E402
+from dermfast.data.records import ImageRecords  # noqa: E402
+from dermfast.data.sampler import BalancedSampler  # noqa: E402
+
+N = 20
+SIZE = 32
+SIZES = [(64, 48), (100, 80), (80, 100), (48, 64), (120, 90)]  # (width, height)
+EVAL_AUG = Augment(size=SIZE)
+TRAIN_AUG = Augment(size=SIZE, scale=(0.3, 1.0), brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+
+
+def _smooth_image(rng, w, h):
+    """Low-frequency random colours, so resize filters of different libraries agree closely."""
+    small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dali_jpegs")
+    rng = np.random.default_rng(1234)
+    paths = []
+    for i in range(N):
+        w, h = SIZES[i % len(SIZES)]
+        p = root / f"img{i:02d}.jpg"
+        _smooth_image(rng, w, h).save(p, quality=95)
+        paths.append(str(p))
+    labels = np.array([0] * 14 + [1] * 6)[rng.permutation(N)]
+    source = np.zeros(N, np.uint8)
+    source[[2, 7, 11, 19]] = 1
+    return ImageRecords(paths, labels, ["benign", "malignant"], source)
+
+
+def _epoch(loader):
+    return list(loader)
+
+
+def _cat(batches, key):
+    return torch.cat([b[key] for b in batches])
+
+
+def _cpu(records, aug, bs, **kw):
+    kw.setdefault("num_threads", 2)
+    return DaliLoader(records, aug, bs, device="cpu", **kw)
+
+
+def test_eval_every_image_once_in_order(records):
+    loader = _cpu(records, EVAL_AUG, 8, train=False)
+    assert len(loader) == 3
+    batches = _epoch(loader)
+    assert [len(b["label"]) for b in batches] == [8, 8, 4]  # last partial batch kept
+    assert _cat(batches, "label").tolist() == records.labels.tolist()
+    assert _cat(batches, "source").tolist() == records.source.tolist()
+    for b in batches:
+        assert b["image"].shape == (len(b["label"]), 3, SIZE, SIZE)
+        assert b["image"].dtype == torch.float32 and b["image"].device.type == "cpu"
+        assert b["label"].dtype == torch.int64 and b["source"].dtype == torch.uint8
+    kept = [b["image"].clone() for b in batches]
+    again = _epoch(loader)  # second epoch: same batches; earlier tensors not overwritten by DALI's buffers
+    for a, b, k in zip(batches, again, kept):
+        assert torch.equal(a["image"], k)
+        assert torch.equal(a["image"], b["image"])
+
+
+def _pil_eval_reference(path, aug):
+    """The eval recipe with PIL: resize the shorter side (bicubic), centre crop, normalise."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    short = round(aug.size / aug.crop_fraction)
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    im = im.resize((nw, nh), Image.BICUBIC)
+    # DALI rounds the centre-crop offset half up; torchvision's round() is half-to-even (1 px apart at .5)
+    top, left = int(np.floor((nh - aug.size) / 2 + 0.5)), int(np.floor((nw - aug.size) / 2 + 0.5))
+    a = np.asarray(im, np.float32)[top:top + aug.size, left:left + aug.size] / 255.0
+    a = (a - np.array(aug.mean, np.float32)) / np.array(aug.std, np.float32)
+    return a.transpose(2, 0, 1)
+
+
+def test_eval_values_are_normalised_resize_centre_crop(records):
+    images = _cat(_epoch(_cpu(records, EVAL_AUG, 8, train=False)), "image").numpy()
+    for i in range(len(SIZES)):  # one image of each size (landscape and portrait)
+        ref = _pil_eval_reference(records.paths[i], EVAL_AUG)
+        assert np.abs(images[i] - ref).mean() < 0.05, i  # measured ~0.007
+
+
+def test_train_follows_sampler_order(records):
+    sampler = BalancedSampler(records.labels, records.source, class_fractions="equal", seed=3)
+    loader = _cpu(records, TRAIN_AUG, 6, train=True, sampler=sampler, seed=5)
+    for epoch in range(2):
+        idx = sampler.rank_indices(epoch)
+        n_full = len(idx) // 6 * 6  # drop_last: partial batch dropped
+        assert len(loader) == len(idx) // 6
+        batches = _epoch(loader)
+        assert sampler.epoch == epoch
+        assert all(len(b["label"]) == 6 for b in batches)
+        assert _cat(batches, "label").tolist() == records.labels[idx[:n_full]].tolist()
+        assert _cat(batches, "source").tolist() == records.source[idx[:n_full]].tolist()
+        img = _cat(batches, "image")
+        assert img.shape == (n_full, 3, SIZE, SIZE) and torch.isfinite(img).all()
+    assert not np.array_equal(sampler.rank_indices(0), sampler.rank_indices(1))
+
+
+def _train_epochs(records, seed, epochs, start=0):
+    sampler = BalancedSampler(records.labels, records.source, class_fractions="equal", seed=3)
+    loader = _cpu(records, TRAIN_AUG, 6, train=True, sampler=sampler, seed=seed)
+    loader.set_epoch(start)
+    return [_cat(_epoch(loader), "image") for _ in range(epochs)]
+
+
+def test_train_augmentations_repeatable_per_seed_and_epoch(records):
+    a0, a1 = _train_epochs(records, seed=5, epochs=2)
+    b0, b1 = _train_epochs(records, seed=5, epochs=2)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1)  # same seed: bit-identical augmented batches
+    (c1,) = _train_epochs(records, seed=5, epochs=1, start=1)
+    assert torch.equal(a1, c1)  # epoch 1 alone (a resumed run) == epoch 1 after epoch 0
+    (d0,) = _train_epochs(records, seed=6, epochs=1)
+    assert not torch.equal(a0, d0)  # another seed: other augmentations (same order)
+
+
+def test_resume_mid_epoch_from_sampler_state(records):
+    sampler = BalancedSampler(records.labels, records.source, class_fractions="equal", seed=3)
+    sampler.load_state_dict({"seed": 3, "epoch": 1, "position": 6, "rank": 0, "world_size": 1})
+    loader = _cpu(records, TRAIN_AUG, 6, train=True, sampler=sampler, seed=5)
+    rest = sampler.rank_indices(1)[6:]
+    n_full = len(rest) // 6 * 6
+    batches = _epoch(loader)
+    assert _cat(batches, "label").tolist() == records.labels[rest[:n_full]].tolist()
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 6 + n_full
+    assert loader.epoch == 2
+
+
+def test_train_without_sampler_is_a_seeded_permutation(records):
+    loader = _cpu(records, Augment(size=SIZE), 32, train=True, seed=1)  # batch > N: drop_last off, one batch
+    assert len(loader) == 1
+    (b,) = _epoch(loader)
+    order = np.random.default_rng([1, 0]).permutation(N)
+    assert b["label"].tolist() == records.labels[order].tolist()
+
+
+def test_leaving_an_epoch_early_then_next_epoch(records):
+    loader = _cpu(records, EVAL_AUG, 8, train=False)
+    for b in loader:
+        break
+    assert _cat(_epoch(loader), "label").tolist() == records.labels.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_output(records, dtype):
+    ref = _cat(_epoch(_cpu(records, EVAL_AUG, 8, train=False)), "image")
+    out = _cat(_epoch(_cpu(records, EVAL_AUG, 8, train=False, output_dtype=dtype)), "image")
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()  # one rounding to 8 / 11 mantissa bits
+
+
+def test_parallel_source_gives_the_same_batches(records):
+    kw = {"train": True, "sampler": None, "seed": 2}
+    ref = _epoch(_cpu(records, TRAIN_AUG, 6, **kw))
+    par = _epoch(_cpu(records, TRAIN_AUG, 6, parallel=True, py_workers=1, **kw))
+    assert _cat(par, "label").tolist() == _cat(ref, "label").tolist()
+    assert torch.equal(_cat(par, "image"), _cat(ref, "image"))
+
+
+def test_undecodable_image_is_named(records, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    paths = list(records.paths[:10]) + [str(bad)]
+    rec = ImageRecords(paths, np.zeros(len(paths), np.int64), ["x"])
+    loader = _cpu(rec, EVAL_AUG, 4, train=False)
+    with pytest.raises(RuntimeError, match="broken.jpg"):
+        _epoch(loader)
+
+
+def test_errors_are_clear(records, monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cpu'"):
+            DaliLoader(records, EVAL_AUG, 4, train=False, device="gpu")
+    with pytest.raises(ValueError, match="output_dtype"):
+        _cpu(records, EVAL_AUG, 4, train=False, output_dtype=torch.int32)
+    monkeypatch.setattr(dl, "HAS_DALI", False)
+    with pytest.raises(ImportError, match="nvidia-dali"):
+        _cpu(records, EVAL_AUG, 4, train=False)
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline(records):
+    ev = DaliLoader(records, EVAL_AUG, 8, train=False, device="gpu", device_id=0, num_threads=2)
+    batches = _epoch(ev)
+    assert batches[0]["image"].device == torch.device("cuda", 0)
+    assert _cat(batches, "label").cpu().tolist() == records.labels.tolist()
+    cpu = _cat(_epoch(_cpu(records, EVAL_AUG, 8, train=False)), "image")
+    assert (_cat(batches, "image").cpu() - cpu).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo chroma upsampling
+    tr = DaliLoader(records, TRAIN_AUG, 6, train=True, device="gpu", device_id=0, num_threads=2,
+                    output_dtype=torch.bfloat16)
+    img = _cat(_epoch(tr), "image")
+    assert img.dtype == torch.bfloat16 and img.is_cuda and img.shape[1:] == (3, SIZE, SIZE)

@@ -1,0 +1,170 @@
+"""split_records: stratified, grouped, seeded, deterministic; save_splits / load_splits round trip."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermfast.data.records import DatasetError, ImageRecords
+from dermfast.data.splits import SPLITS, check_splits, load_splits, save_splits, split_records
+
+HAM_SHARE = np.array([327, 514, 1099, 115, 1113, 6705, 142]) / 10015
+
+
+def _records(n=2000, grouped=False, seed=1, root="/data/ham"):
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    while len(labels) < n:  # lesions of 1..4 images sharing one label (as in HAM10000)
+        k, c = int(rng.integers(1, 5)) if grouped else 1, int(rng.choice(7, p=HAM_SHARE))
+        labels += [c] * k
+        groups += [f"HAM_{len(groups):07d}"] * k
+    labels, groups = labels[:n], groups[:n]
+    paths = [f"{root}/images/ISIC_{i:07d}.jpg" for i in range(n)]
+    return ImageRecords(paths, np.array(labels), ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], root=root,
+                        groups=np.array(groups, dtype=object) if grouped else None)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_stratified_partition(grouped):
+    rec = _records(grouped=grouped)
+    splits = split_records(rec, (0.7, 0.15, 0.15), seed=3)
+    check_splits(splits, rec)
+    allidx = np.concatenate([splits[s] for s in SPLITS])
+    assert sorted(allidx.tolist()) == list(range(len(rec)))  # a partition
+    overall = np.bincount(rec.labels, minlength=7) / len(rec)
+    for s, frac in zip(SPLITS, (0.7, 0.15, 0.15)):
+        assert abs(len(splits[s]) / len(rec) - frac) < 0.01
+        share = np.bincount(rec.labels[splits[s]], minlength=7) / len(splits[s])
+        assert np.abs(share - overall).max() < (0.02 if grouped else 0.01), (s, share, overall)
+        assert (np.bincount(rec.labels[splits[s]], minlength=7) > 0).all()  # every class on every side
+
+
+def test_groups_never_span_sides():
+    rec = _records(grouped=True)
+    splits = split_records(rec, seed=0)
+    side_of = {}
+    for s in SPLITS:
+        for g in rec.groups[splits[s]]:
+            assert side_of.setdefault(g, s) == s
+    rec.groups[splits["val"][0]] = rec.groups[splits["train"][0]]
+    with pytest.raises(ValueError, match="is on both"):
+        check_splits(splits, rec)
+
+
+def test_majority_label_and_coverage():
+    # lesion L0 holds 3 mel + 1 nv images: it counts as mel; class 'df' with exactly 3 images lands on all sides
+    labels = [4, 4, 4, 5] + [5] * 20 + [3, 3, 3] + [1, 1]
+    groups = ["L0"] * 4 + [f"n{i}" for i in range(20)] + ["d0", "d1", "d2", "b0", "b1"]
+    rec = ImageRecords([f"{i}.jpg" for i in range(len(labels))], np.array(labels),
+                       ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], groups=np.array(groups, dtype=object))
+    splits = split_records(rec, seed=0)
+    check_splits(splits, rec)
+    for s in SPLITS:
+        assert (rec.labels[splits[s]] == 3).sum() == 1  # df: one image per side
+    assert set(range(4)) <= set(splits["train"].tolist())  # the whole mel lesion goes to train (coverage: largest)
+    assert (rec.labels[splits["train"]] == 1).sum() == 2  # bcc: 2 images < 3 -> no coverage, both in train
+    assert rec.class_counts()["akiec"] == 0
+
+
+def test_unlabelled_and_ungrouped_entries():
+    labels = np.array([-1] * 10 + [0] * 10)
+    groups = np.array([None, ""] * 5 + [f"g{i // 2}" for i in range(10)], dtype=object)
+    rec = ImageRecords([f"{i}.png" for i in range(20)], labels, ["a"], groups=groups)
+    splits = split_records(rec, (0.6, 0.2, 0.2), seed=1)
+    check_splits(splits, rec)
+    assert sum(len(v) for v in splits.values()) == 20
+    assert all((rec.labels[splits[s]] == -1).sum() == c for s, c in zip(SPLITS, (6, 2, 2)))
+
+
+def test_deterministic_and_seeded():
+    rec = _records(400, grouped=True)
+    a, b = split_records(rec, seed=7), split_records(rec, seed=7)
+    assert all(np.array_equal(a[s], b[s]) and a[s].dtype == np.int64 for s in SPLITS)
+    c = split_records(rec, seed=8)
+    assert not all(np.array_equal(a[s], c[s]) for s in SPLITS)
+    # golden values: the split of a seed must not change across machines or numpy versions
+    small = ImageRecords([f"{i}.jpg" for i in range(20)], np.array([0] * 12 + [1] * 8), ["x", "y"])
+    got = split_records(small, (0.5, 0.25, 0.25), seed=0)
+    assert {s: v.tolist() for s, v in got.items()} == GOLDEN
+    grouped = ImageRecords([f"{i}.jpg" for i in range(12)], np.zeros(12), ["x"],
+                           groups=np.array(list("aabbbcdddeff"), dtype=object))
+    got = split_records(grouped, (0.5, 0.25, 0.25), seed=0)
+    assert {s: v.tolist() for s, v in got.items()} == GOLDEN_GROUPED
+
+
+GOLDEN = {"train": [0, 1, 3, 7, 10, 11, 12, 14, 17, 18], "val": [4, 6, 9, 13, 19], "test": [2, 5, 8, 15, 16]}
+GOLDEN_GROUPED = {"train": [2, 3, 4, 6, 7, 8], "val": [0, 1, 9], "test": [5, 10, 11]}
+
+
+def test_class_split_independent_of_other_classes():
+    rec = _records(600)
+    keep = np.flatnonzero(rec.labels != 5)  # drop the nevi: the other classes split exactly as before
+    full, part = split_records(rec, seed=2), split_records(rec.subset(keep), seed=2)
+    for s in SPLITS:
+        assert np.array_equal(np.intersect1d(full[s], keep), keep[part[s]])
+
+
+def test_bad_fractions():
+    rec = _records(50)
+    for fr in [(0.8, 0.1), (0.8, 0.3, 0.1), (1.1, -0.1, 0.0)]:
+        with pytest.raises(ValueError, match="fractions"):
+            split_records(rec, fr)
+    splits = split_records(rec, (0.9, 0.1, 0.0))
+    assert len(splits["test"]) == 0 and len(splits["train"]) + len(splits["val"]) == 50
+
+
+def test_save_load_roundtrip(tmp_path):
+    root = tmp_path / "ds"
+    rec = _records(300, grouped=True, root=str(root))
+    splits = split_records(rec, seed=0)
+    path = save_splits(splits, rec, tmp_path / "out" / "splits.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "image,label,split" and len(lines) == 301
+    assert lines[1].split(",")[0] == "images/ISIC_0000000.jpg"  # relative to records.root: portable
+    back = load_splits(path, rec)
+    assert all(np.array_equal(back[s], splits[s]) for s in SPLITS)
+    moved = _records(300, grouped=True, root=str(tmp_path / "elsewhere"))  # same dataset, another machine
+    assert all(np.array_equal(load_splits(path, moved)[s], splits[s]) for s in SPLITS)
+
+
+def test_load_mismatches(tmp_path):
+    rec = _records(30)
+    path = save_splits(split_records(rec), rec, tmp_path / "s.csv")
+    text = path.read_text().splitlines()
+    bad = tmp_path / "bad.csv"
+    first = text[1].split(",")
+    relabelled = ",".join([first[0], "bogus", first[2]])
+    bad.write_text("\n".join([text[0], relabelled, "images/nope.jpg,nv,train", *text[2:]]) + "\n")
+    with pytest.raises(DatasetError, match="1 images not in the dataset.*1 images with another label"):
+        load_splits(bad, rec)
+    loose = load_splits(bad, rec, strict=False)
+    assert sum(len(v) for v in loose.values()) == 29
+    (tmp_path / "dup.csv").write_text("\n".join([text[0], text[1], text[1]]) + "\n")
+    with pytest.raises(DatasetError, match="listed twice"):
+        load_splits(tmp_path / "dup.csv", rec)
+    (tmp_path / "sp.csv").write_text("\n".join([text[0], first[0] + "," + first[1] + ",holdout"]) + "\n")
+    with pytest.raises(DatasetError, match="unknown split 'holdout'"):
+        load_splits(tmp_path / "sp.csv", rec)
+
+
+def test_store_keys_and_real_files(tmp_path):
+    class Store:
+        def read(self, key):
+            return b""
+    rec = ImageRecords(["ISIC_1", "ISIC_2", "ISIC_3", "ISIC_4"], np.array([0, 1, 0, 1]), ["benign", "malignant"],
+                       root=str(tmp_path), groups=np.array(["IP_1", "IP_1", "IP_2", "IP_3"], dtype=object),
+                       store=Store())
+    splits = split_records(rec, seed=0)
+    path = save_splits(splits, rec, tmp_path / "s.csv")
+    assert "ISIC_1," in path.read_text()
+    assert all(np.array_equal(load_splits(path, rec)[s], splits[s]) for s in SPLITS)
+    mini = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic-cc0-mini"
+    if mini.is_dir():
+        from dermfast.data.adapters import open_any
+        copy = tmp_path / "mini"
+        shutil.copytree(mini, copy)
+        real = open_any(mini)
+        sp = split_records(real, seed=0)
+        assert {s: len(v) for s, v in sp.items()} == {"train": 89, "val": 11, "test": 11}
+        assert all(np.array_equal(load_splits(save_splits(sp, real, tmp_path / "m.csv"), open_any(copy))[s], sp[s])
+                   for s in SPLITS)
