@@ -71,7 +71,7 @@ def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
     (run_dir / "log.csv").unlink(missing_ok=True)
     log = CSVLog(run_dir / "log.csv")
     print(f"mae: preset {cfg.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params), "
-          f"{len(records)} images, device {device}, {opt_name}, lr {lr:.2e}, {total_steps} steps -> {run_dir}")
+          f"{len(records)} images, loader {loader.backend}, device {device}, {opt_name}, lr {lr:.2e}, {total_steps} steps -> {run_dir}")
 
     step, micro, t0 = 0, 0, time.perf_counter()
     running = torch.zeros((), device=device)
