@@ -35,7 +35,7 @@ def losses(run_dir: Path) -> list[float]:
 def test_mae_run_learns_and_writes_every_artefact(tmp_path):
     run_cli(tmp_path, "run", "--epochs", "5", "--seed", "1")
     run = tmp_path / "run"
-    for name in ("config.yaml", "log.csv", "checkpoint.safetensors", "reconstruction.png"):
+    for name in ("config.yaml", "log.csv", "checkpoint.safetensors", "reconstruction.png", "splits.csv"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["epochs"] == 5 and resolved["seed"] == 1 and resolved["preset"] == "demo"
@@ -50,6 +50,9 @@ def test_mae_run_learns_and_writes_every_artefact(tmp_path):
     from safetensors import safe_open
     with safe_open(str(run / "checkpoint.safetensors"), framework="pt") as f:
         assert "patch_embed.proj.weight" in f.keys() and json.loads(f.metadata()["stage"]) == "mae"
+        sampler = json.loads(f.metadata()["sampler"])
+        assert sampler["seed"] == 1 and sampler["epoch"] == 4 and sampler["position"] > 0
+    assert (run / "data_report.csv").is_file()  # written even when nothing was skipped
 
 
 @pytest.mark.slow

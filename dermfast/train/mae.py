@@ -81,8 +81,10 @@ def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
     done = False
     for epoch in range(cfg.epochs):
         loader.set_epoch(epoch)
+        seen_in_epoch = 0
         for batch in loader:
             imgs = batch["image"]
+            seen_in_epoch += imgs.shape[0]
             with autocast(device):
                 loss, _, _ = model(imgs, seed=cfg.seed, step=micro)
             (loss / cfg.accum_steps).backward()
@@ -114,7 +116,9 @@ def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
             break
     bar.close()
 
-    meta = {"stage": "mae", "preset": preset.to_dict(), "step": step, "epoch": epoch, "seed": cfg.seed}
+    meta = {"stage": "mae", "preset": preset.to_dict(), "step": step, "epoch": epoch, "seed": cfg.seed,
+            "sampler": sampler.state_dict(consumed=seen_in_epoch), "loader": loader.backend,
+            "data": data.report.counts()}
     save_checkpoint(run_dir / "checkpoint.safetensors", model, meta)
     vis = next(iter(build_loader(records.subset(range(min(8, len(records)))), aug, 8, train=False,
                                  loader=cfg.loader, device=device, workers=0)))["image"]
