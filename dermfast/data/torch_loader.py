@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dermfast.data.augment import IMAGENET_MEAN, IMAGENET_STD, Augment  # noqa: F401  (re-exported)
+from dermfast.data.augment import Augment
 from dermfast.data.records import ImageRecords
 
 

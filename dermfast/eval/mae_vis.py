@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dermfast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+from dermfast.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dermfast.ops import patchify, unpatchify
 
 
