@@ -130,3 +130,11 @@ def test_400k_labels_at_1_to_1000_in_well_under_a_second():
     idx = s.rank_indices(0)
     assert time.perf_counter() - t < 0.5
     assert len(idx) == 50_050 and 0.45 < labels[idx].mean() < 0.55
+
+
+def test_tiny_epochs_shard_evenly_and_neg_keep_one_keeps_all():
+    labels = np.array([0, 0, 1])
+    shards = [BalancedSampler(labels, seed=0, rank=r, world_size=8).rank_indices(0) for r in range(8)]
+    assert {len(s) for s in shards} == {1}  # fewer images than ranks: wrapped so every rank gets one
+    s = BalancedSampler(imbalanced(), neg_keep=1.0, seed=0)
+    assert len(s.rank_indices(0)) == 2020  # 1.0 is the fraction "all", not a count of one

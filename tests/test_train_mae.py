@@ -90,3 +90,23 @@ def test_empty_data_folder_and_bad_config_keys(tmp_path, capsys):
     cfg.write_text("epochz: 3\n")
     assert main(["--stage", "mae", "--config", str(cfg)]) == 2
     assert "unknown option(s) in config file: epochz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ("epochs: ten\n", "option epochs must be int, got 'ten'"),
+    ("neg_keep: -1\n", "neg-keep must be >= 0"),
+    ("balance: most\n", "balance must be one of: none, equal"),
+    ("loader: pil\n", "unknown loader 'pil'; accepted: auto, dali"),
+    ("device: tpu\n", "bad --device 'tpu'"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, capsys, yaml_text, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    data = tmp_path / "d"
+    (data / "a").mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (16, 16), (200, 120, 90)).save(data / "a" / "x.jpg")
+    assert main(["--stage", "mae", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err

@@ -6,7 +6,7 @@ seed and epoch give the same indices on any machine, and a resumed run continues
 
 Per epoch, per class c:
 1. the real pool is the class's real images; for the majority class (or `downsample_class`), `neg_keep` keeps a
-   fraction (< 1) or a count (>= 1), drawn afresh each epoch;
+   fraction (a float <= 1) or a count (an int, or a float > 1), drawn afresh each epoch;
 2. with `synth_ratio` r (synthetic images per real image, a float or {class: r}; `math.inf` = synthetic only),
    the class's draws are split real : synthetic = 1 : r;
 3. with `class_fractions` (None = natural counts, "equal", or {class: fraction}), the epoch's size N (default:
@@ -123,7 +123,8 @@ class BalancedSampler:
         pool = self.real[c]
         if c == self.downsample_class and self.neg_keep is not None:
             keep = self.neg_keep
-            n = int(round(len(pool) * keep)) if isinstance(keep, float) and keep < 1 else int(keep)
+            # a float <= 1 is a fraction (1.0 keeps all); an int, or a float > 1, is a count
+            n = int(round(len(pool) * keep)) if isinstance(keep, float) and keep <= 1 else int(keep)
             if n < 0:
                 raise ValueError(f"neg_keep must be >= 0, got {keep}")
             pool = pool[rng.permutation(len(pool))[:min(n, len(pool))]]
@@ -166,7 +167,7 @@ class BalancedSampler:
         idx = self.epoch_indices(epoch)
         per_rank = -(-len(idx) // self.world_size)
         if per_rank * self.world_size > len(idx):  # wrap so every rank gets the same count
-            idx = np.concatenate([idx, idx[: per_rank * self.world_size - len(idx)]])
+            idx = np.resize(idx, per_rank * self.world_size)
         return idx[self.rank::self.world_size]
 
     # --- iteration and state -----------------------------------------------------------------------------

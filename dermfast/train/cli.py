@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", help="synthesis output folder (manifest.csv + images/) to add to training")
     p.add_argument("--balance", help="none (default) or equal: class-balanced batches")
     p.add_argument("--neg-keep", type=float, dest="neg_keep",
-                   help="keep this fraction (< 1) or count (>= 1) of the majority class each epoch")
+                   help="keep this fraction (<= 1) or count (> 1) of the majority class each epoch")
     p.add_argument("--synth-ratio", type=float, dest="synth_ratio",
                    help="synthetic images per real image (1, 3, 15; inf = synthetic only)")
     p.add_argument("--max-steps", type=int, dest="max_steps", help="stop after this many optimiser steps")

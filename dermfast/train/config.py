@@ -37,7 +37,7 @@ class MAEConfig:
     loader: str = "auto"             # auto | dali | dali-gpu | dali-cpu | torch
     synthetic: str | None = None     # synthesis output folder (manifest.csv + images/), joins the train split
     balance: str = "none"            # none | equal: class-balanced batches (rare classes oversampled)
-    neg_keep: float | None = None    # keep this fraction (< 1) or count (>= 1) of the majority class per epoch
+    neg_keep: float | None = None    # keep this fraction (<= 1) or count (> 1) of the majority class per epoch
     synth_ratio: float | None = None  # synthetic images per real image, per class (1, 3, 15; inf = synthetic only)
     toy_images: int = 1200           # size of the embedded dataset when data is None
     toy_image_size: int = 128
@@ -52,6 +52,10 @@ class MAEConfig:
             raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
         if self.accum_steps < 1:
             raise ConfigError(f"accum-steps must be >= 1, got {self.accum_steps}")
+        if self.neg_keep is not None and self.neg_keep < 0:
+            raise ConfigError(f"neg-keep must be >= 0 (a fraction <= 1 or a count > 1), got {self.neg_keep}")
+        if self.synth_ratio is not None and self.synth_ratio < 0:
+            raise ConfigError(f"synth-ratio must be >= 0, got {self.synth_ratio}")
         if self.balance not in ("none", "equal"):
             raise ConfigError(f"balance must be one of: none, equal; got {self.balance!r}")
         from dermfast.data.loader import LOADERS
@@ -85,9 +89,35 @@ def build_config(cls: type, file_values: dict[str, Any], cli_values: dict[str, A
         raise ConfigError(f"unknown option(s) in config file: {', '.join(unknown)}; accepted: "
                           f"{', '.join(sorted(names))}")
     values = {**file_values, **{k: v for k, v in cli_values.items() if v is not None and k in names}}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for k, v in values.items():
+        values[k] = _coerce(k, v, types[k])
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Check a value against its field's annotation ('int', 'float | None', 'str | None', ...)."""
+    kinds = {t.strip() for t in annotation.split("|")}
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"option {name} needs a value")
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if "float" in kinds and isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
+        return float("inf")
+    if "str" in kinds and isinstance(value, str):
+        return value
+    if kinds & {"dict[str, Any]"} and isinstance(value, dict):
+        return value
+    wanted = " or ".join(sorted(kinds - {"None"}))
+    raise ConfigError(f"option {name} must be {wanted}, got {value!r}")
 
 
 def save_config(cfg, path: Path) -> None:

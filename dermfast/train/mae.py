@@ -46,7 +46,10 @@ def make_sampler(cfg: MAEConfig, records) -> BalancedSampler:
 def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
     """Pretrain an MAE as configured; returns the run directory."""
     preset = resolve_preset(cfg)
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"bad --device {cfg.device!r}: {e}") from None
     run_dir = Path(cfg.out)
     data = prepare_data(cfg.data, run_dir, synthetic=cfg.synthetic, seed=cfg.seed, require_labels=False,
                         toy_images=cfg.toy_images, toy_image_size=cfg.toy_image_size, progress=progress)
@@ -55,17 +58,21 @@ def run_mae(cfg: MAEConfig, progress: bool = True) -> Path:
     model = MaskedAutoencoderViT(preset).to(device)
     aug = mae_augment(preset.img_size)
     sampler = make_sampler(cfg, records)
-    loader = build_loader(records, aug, cfg.batch_size, train=True, sampler=sampler, loader=cfg.loader,
-                          device=device, seed=cfg.seed, workers=cfg.workers)
-    steps_per_epoch = max(1, len(loader) // cfg.accum_steps)
-    total_steps = cfg.epochs * steps_per_epoch
+    try:
+        loader = build_loader(records, aug, cfg.batch_size, train=True, sampler=sampler, loader=cfg.loader,
+                              device=device, seed=cfg.seed, workers=cfg.workers)
+        batches_per_epoch = len(loader)
+    except ValueError as e:  # e.g. a sampler configuration that leaves an epoch empty
+        raise ConfigError(str(e)) from None
+    steps_per_epoch = batches_per_epoch / cfg.accum_steps
+    total_steps = max(1, cfg.epochs * batches_per_epoch // cfg.accum_steps)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     eff_batch = cfg.batch_size * cfg.accum_steps
-    lr = cfg.lr if cfg.lr is not None else (cfg.blr or preset.blr) * eff_batch / 256
+    lr = cfg.lr if cfg.lr is not None else (cfg.blr if cfg.blr is not None else preset.blr) * eff_batch / 256
     optimizer, opt_name = build_optimizer(model, lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, int(cfg.warmup_epochs * steps_per_epoch), lr, cfg.min_lr))
+        optimizer, warmup_cosine(total_steps, min(total_steps, int(cfg.warmup_epochs * steps_per_epoch)), lr, cfg.min_lr))
 
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "log.csv").unlink(missing_ok=True)
