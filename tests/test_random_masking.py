@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dermfast.ops import random_masking, random_masking_ref
-from dermfast.ops.random_masking import hash32, masking_noise_ref
+from dermfast.ops.random_masking_op import hash32, masking_noise_ref
 
 M32 = 0xFFFFFFFF
 

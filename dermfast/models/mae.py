@@ -147,10 +147,12 @@ class MaskedAutoencoderViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_encoder(self, imgs: torch.Tensor, seed: int, step: int, mask_ratio: float | None = None):
+    def forward_encoder(self, imgs: torch.Tensor, seed: int, step: int, mask_ratio: float | None = None,
+                        sample_offset: int = 0):
         x = self.patch_embed(imgs)
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
-        x, mask, ids_restore, _ = random_masking(x, ratio, seed, step, pos_embed=self.pos_embed)
+        x, mask, ids_restore, _ = random_masking(x, ratio, seed, step, pos_embed=self.pos_embed,
+                                                 sample_offset=sample_offset)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
@@ -168,8 +170,11 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def forward(self, imgs: torch.Tensor, seed: int = 0, step: int = 0, mask_ratio: float | None = None):
-        latent, mask, ids_restore = self.forward_encoder(imgs, seed, step, mask_ratio)
+    def forward(self, imgs: torch.Tensor, seed: int = 0, step: int = 0, mask_ratio: float | None = None,
+                sample_offset: int = 0):
+        """`sample_offset`: global index of this batch's first sample (rank * per-rank batch under DDP), so
+        every rank draws different masks."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, seed, step, mask_ratio, sample_offset)
         pred = self.forward_decoder(latent, ids_restore)
         loss = mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss)
         return loss, pred, mask

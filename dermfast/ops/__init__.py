@@ -1,6 +1,12 @@
-"""Public op API. Each op: torch reference (the spec), functional form dispatched by backend capability."""
-from dermfast.ops.mae_loss import MAELoss, mae_loss, mae_loss_ref, patchify, unpatchify
-from dermfast.ops.random_masking import random_masking, random_masking_ref
+"""Public op API. Each op: torch reference (the spec), functional form dispatched by backend capability.
+
+Naming: the op `<name>` is the function `dermfast.ops.<name>`; its module is `dermfast/ops/<name>_op.py`
+(kernels/<name>.py, csrc/<name>.cu, tests/test_<name>.py, benchmarks/bench_<name>.py mirror the name). The
+`_op` suffix keeps modules and functions distinguishable: with a module of the same name as the function it
+exports, `import dermfast.ops.<name>` would hand back the function, not the module.
+"""
+from dermfast.ops.mae_loss_op import MAELoss, mae_loss, mae_loss_ref, patchify, unpatchify
+from dermfast.ops.random_masking_op import random_masking, random_masking_ref
 from dermfast.ops.registry import (BACKENDS, BackendUnavailable, Query, get_backend, ops, set_backend,
                                    use_backend)
 
