@@ -5,6 +5,8 @@ runs anywhere). A backend implementation answers a `Query` (device, dtype, named
 can serve it, or a one-line reason when it cannot.
 
 - Automatic choice (no backend asked for): the first backend that fits serves; the torch reference always fits.
+- The Triton interpreter (`TRITON_INTERPRET=1`, how CI runs Triton kernels on CPU tensors) serves CPU tensors
+  only when triton is asked for explicitly: automatic choice on CPU never picks an interpreted kernel.
 - Explicit choice (`backend=` argument, `set_backend()`, or the environment variable `DERMFAST_BACKEND`, read
   once at import): if that backend cannot serve the call, `BackendUnavailable` is raised listing the reason
   of every backend, as xformers' dispatcher does.
@@ -121,7 +123,7 @@ class Op:
             )
         for b in BACKENDS:
             impl = self.impls.get(b)
-            if impl is not None and impl.supports(q) is None:
+            if impl is not None and impl.supports(q) is None and not (b == "triton" and q.device.type == "cpu"):
                 return impl
         lines = "; ".join(f"{b}: {r}" for b, r in self.reasons(q).items())
         raise BackendUnavailable(f"{self.name}: no backend can serve this call ({lines})")
@@ -150,6 +152,29 @@ def ops() -> dict[str, Op]:
 
 def needs_cuda_device(q: Query) -> str | None:
     return None if q.device.type == "cuda" else f"needs a CUDA tensor, got a {q.device.type} tensor"
+
+
+def triton_interpreter_on() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors (slowly); set by tests/conftest.py without a GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def needs_triton_device(q: Query) -> str | None:
+    """Triton serves CUDA tensors, and CPU tensors under the interpreter (explicit requests only, see select)."""
+    from dermfast import _optional
+    if not _optional.HAS_TRITON:
+        return f"triton is not importable ({_optional.TRITON_REASON})"
+    if q.device.type == "cuda" or (q.device.type == "cpu" and triton_interpreter_on()):
+        return None
+    return f"needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got a {q.device.type} tensor"
+
+
+def needs_cuda_ext(q: Query) -> str | None:
+    """The compiled csrc/ extension, built with nvcc, and a CUDA tensor."""
+    from dermfast import _optional
+    if not _optional.HAS_CUDA_EXT:
+        return f"the compiled extension dermfast._C is not importable ({_optional.CUDA_EXT_REASON})"
+    return needs_cuda_device(q)
 
 
 def dtype_in(*dtypes: torch.dtype) -> Supports:
