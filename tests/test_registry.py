@@ -25,14 +25,25 @@ def test_builtin_ops_are_registered_with_a_torch_reference():
 
 def test_automatic_choice_falls_back_in_priority_order():
     op = Op("toy_op")
-    op.register("cuda", needs_cuda_device)(lambda x: "cuda")
-    op.register("triton", dtype_in(torch.float16))(lambda x: "triton")
+    op.register("cuda", dtype_in(torch.float32))(lambda x: "cuda")
+    op.register("triton", dtype_in(torch.float16, torch.float32))(lambda x: "triton")
     op.register("torch")(lambda x: "torch")
-    cpu32 = Query(torch.device("cpu"), torch.float32)
-    cpu16 = Query(torch.device("cpu"), torch.float16)
-    assert op(cpu32, 1) == "torch"
-    assert op(cpu16, 1) == "triton"
+    gpu32 = Query(torch.device("cuda"), torch.float32)
+    gpu16 = Query(torch.device("cuda"), torch.float16)
+    gpu64 = Query(torch.device("cuda"), torch.float64)
+    assert op(gpu32, 1) == "cuda"
+    assert op(gpu16, 1) == "triton"
+    assert op(gpu64, 1) == "torch"
     assert [b for b in BACKENDS] == ["cuda", "triton", "torch"]
+
+
+def test_automatic_choice_never_picks_triton_for_cpu_tensors():
+    op = Op("toy_op")
+    op.register("triton")(lambda x: "triton")  # accepts anything, as an interpreted kernel would
+    op.register("torch")(lambda x: "torch")
+    cpu = Query(torch.device("cpu"), torch.float32)
+    assert op(cpu, 1) == "torch"
+    assert op(cpu, 1, backend="triton") == "triton"
 
 
 def test_explicit_backend_is_refused_with_every_reason():
