@@ -6,11 +6,15 @@ Naming: the op `<name>` is the function `dermfast.ops.<name>`; its module is `de
 exports, `import dermfast.ops.<name>` would hand back the function, not the module.
 """
 from dermfast.ops.mae_loss_op import MAELoss, mae_loss, mae_loss_ref, patchify, unpatchify
-from dermfast.ops.random_masking_op import random_masking, random_masking_ref
+from dermfast.ops.masked_patch_embed_op import masked_patch_embed, masked_patch_embed_ref
+from dermfast.ops.random_masking_op import (MaskingResult, random_masking, random_masking_indices,
+                                            random_masking_ref)
 from dermfast.ops.registry import (BACKENDS, BackendUnavailable, Query, get_backend, ops, set_backend,
                                    use_backend)
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "MAELoss", "Query", "get_backend", "mae_loss", "mae_loss_ref", "ops",
-    "patchify", "random_masking", "random_masking_ref", "set_backend", "unpatchify", "use_backend",
+    "patchify", "random_masking", "random_masking_ref",
+    "set_backend", "unpatchify", "use_backend",
+    "MaskingResult", "masked_patch_embed", "masked_patch_embed_ref", "random_masking_indices",
 ]
