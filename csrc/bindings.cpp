@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace dermfast {
 // device_info.cu
@@ -20,6 +21,17 @@ std::string device_name(int device);
 std::pair<int, int> compute_capability(int device);
 std::string compiled_cuda_archs();
 void fill_iota_u32(std::uintptr_t ptr, std::int64_t n, std::uintptr_t stream);
+// mae_loss.cu
+void mae_loss_fwd(std::uintptr_t imgs, std::uintptr_t pred, std::uintptr_t mask, std::uintptr_t partials,
+                  std::uintptr_t loss, std::vector<std::int64_t> shape, std::int64_t patch,
+                  std::vector<std::int64_t> imgs_strides, std::vector<std::int64_t> pred_strides,
+                  std::vector<std::int64_t> mask_strides, int imgs_dtype, int pred_dtype, int mask_dtype,
+                  bool norm_pix, double eps, int device, std::uintptr_t stream);
+void mae_loss_bwd(std::uintptr_t grad, std::uintptr_t imgs, std::uintptr_t pred, std::uintptr_t mask,
+                  std::uintptr_t scale, std::uintptr_t out, std::vector<std::int64_t> shape, std::int64_t patch,
+                  std::vector<std::int64_t> imgs_strides, std::vector<std::int64_t> pred_strides,
+                  std::vector<std::int64_t> mask_strides, int imgs_dtype, int pred_dtype, int mask_dtype,
+                  bool norm_pix, double eps, int device, std::uintptr_t stream);
 }  // namespace dermfast
 
 namespace py = pybind11;
@@ -57,4 +69,20 @@ PYBIND11_MODULE(_C, m) {
           "stream: cudaStream_t as int (torch.cuda.current_stream().cuda_stream); 0 is the default stream.\n"
           "Raises ValueError for bad arguments or non-device memory, RuntimeError if the launch fails. "
           "Synchronize the stream before reading the result.");
+    m.def("mae_loss_fwd", &dermfast::mae_loss_fwd, py::arg("imgs"), py::arg("pred"), py::arg("mask"),
+          py::arg("partials"), py::arg("loss"), py::arg("shape"), py::arg("patch"), py::arg("imgs_strides"),
+          py::arg("pred_strides"), py::arg("mask_strides"), py::arg("imgs_dtype"), py::arg("pred_dtype"),
+          py::arg("mask_dtype"), py::arg("norm_pix"), py::arg("eps"), py::arg("device"), py::arg("stream") = 0,
+          py::call_guard<py::gil_scoped_release>(),
+          "MAE loss forward (csrc/mae_loss.cu), asynchronous on `stream`: writes the fp32 scalar loss.\n\n"
+          "imgs [B, C, H, W], pred [B, L, P], mask [B, L]: device addresses with element strides; shape = "
+          "(B, C, H, W); partials: >= 2 * B * (H / patch) fp32 scratch; dtype codes 0 f32, 1 f16, 2 bf16 "
+          "(imgs, pred), mask also 3 f64, 4 u8/bool, 5 i32, 6 i64. Use dermfast.ops.mae_loss, which validates.");
+    m.def("mae_loss_bwd", &dermfast::mae_loss_bwd, py::arg("grad"), py::arg("imgs"), py::arg("pred"),
+          py::arg("mask"), py::arg("scale"), py::arg("out"), py::arg("shape"), py::arg("patch"),
+          py::arg("imgs_strides"), py::arg("pred_strides"), py::arg("mask_strides"), py::arg("imgs_dtype"),
+          py::arg("pred_dtype"), py::arg("mask_dtype"), py::arg("norm_pix"), py::arg("eps"), py::arg("device"),
+          py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+          "MAE loss backward (csrc/mae_loss.cu): out [B, L, P] contiguous, pred's dtype = grad * dloss/dpred "
+          "(zeros on kept patches). grad: fp32 scalar address; scale: 1 fp32 scratch. Arguments as mae_loss_fwd.");
 }
