@@ -6,6 +6,7 @@ Naming: the op `<name>` is the function `dermfast.ops.<name>`; its module is `de
 exports, `import dermfast.ops.<name>` would hand back the function, not the module.
 """
 from dermfast.ops.mae_loss_op import MAELoss, mae_loss, mae_loss_ref, patchify, unpatchify
+from dermfast.ops.masked_attention_op import masked_attention, masked_attention_ref
 from dermfast.ops.masked_patch_embed_op import masked_patch_embed, masked_patch_embed_ref
 from dermfast.ops.random_masking_op import (MaskingResult, random_masking, random_masking_indices,
                                             random_masking_ref)
@@ -17,4 +18,5 @@ __all__ = [
     "patchify", "random_masking", "random_masking_ref",
     "set_backend", "unpatchify", "use_backend",
     "MaskingResult", "masked_patch_embed", "masked_patch_embed_ref", "random_masking_indices",
+    "masked_attention", "masked_attention_ref",
 ]
