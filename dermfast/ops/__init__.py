@@ -5,6 +5,7 @@ Naming: the op `<name>` is the function `dermfast.ops.<name>`; its module is `de
 `_op` suffix keeps modules and functions distinguishable: with a module of the same name as the function it
 exports, `import dermfast.ops.<name>` would hand back the function, not the module.
 """
+from dermfast.ops.kd_loss_op import KDLoss, kd_loss, kd_loss_ref
 from dermfast.ops.mae_loss_op import MAELoss, mae_loss, mae_loss_ref, patchify, unpatchify
 from dermfast.ops.masked_attention_op import masked_attention, masked_attention_ref
 from dermfast.ops.masked_patch_embed_op import masked_patch_embed, masked_patch_embed_ref
@@ -18,5 +19,6 @@ __all__ = [
     "patchify", "random_masking", "random_masking_ref",
     "set_backend", "unpatchify", "use_backend",
     "MaskingResult", "masked_patch_embed", "masked_patch_embed_ref", "random_masking_indices",
+    "KDLoss", "kd_loss", "kd_loss_ref",
     "masked_attention", "masked_attention_ref",
 ]
