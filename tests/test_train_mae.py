@@ -96,7 +96,7 @@ def test_empty_data_folder_and_bad_config_keys(tmp_path, capsys):
     ("epochs: ten\n", "option epochs must be int, got 'ten'"),
     ("neg_keep: -1\n", "neg-keep must be >= 0"),
     ("balance: most\n", "balance must be one of: none, equal"),
-    ("loader: pil\n", "unknown loader 'pil'; accepted: auto, dali"),
+    ("loader: pil\n", "option loader must be one of: auto, dali"),
     ("device: tpu\n", "bad --device 'tpu'"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, capsys, yaml_text, expected):

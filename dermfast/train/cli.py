@@ -1,72 +1,82 @@
 """`python -m dermfast.train --stage STAGE [options]`: the front door for every training stage.
 
-Bad input (unknown stage or preset, missing or empty data path, bad config file) is one line on stderr and
-exit code 2, no traceback.
+Stages register themselves (`dermfast.train.stages.register_stage`); their options come from their config
+dataclass (`--stage X --help` lists all of them with defaults). Exit codes: 0 done; 2 bad input (one line on
+stderr, no traceback, nothing left behind); 1 a run that failed while training (diverged, out of memory);
+130 / 143 interrupted by Ctrl-C / SIGTERM (after writing a checkpoint; the message says how to resume).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dermfast.data.loader import LoaderUnavailable
-from dermfast.data.records import DatasetError
-from dermfast.train.config import STAGE_CONFIGS, ConfigError, build_config, load_yaml
+from dermfast.train.config import ConfigError, build_config, load_yaml
 
 PLANNED_STAGES = ("synth", "finetune", "distill", "eval", "export")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dermfast.train", description=__doc__.splitlines()[0])
-    p.add_argument("--stage", required=True, help=f"training stage; accepted: {', '.join(STAGE_CONFIGS)}")
-    p.add_argument("--config", help="YAML file of options (flags given on the command line win)")
-    p.add_argument("--data", help="dataset directory (default: the embedded procedural dataset)")
-    p.add_argument("--preset", help="model preset (mae: demo, vit_b16, vit_l16, vit_h14)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--lr", type=float, help="absolute learning rate (default: blr * batch / 256)")
-    p.add_argument("--blr", type=float, help="base learning rate per 256 images")
-    p.add_argument("--accum-steps", type=int, dest="accum_steps")
-    p.add_argument("--mask-ratio", type=float, dest="mask_ratio")
-    p.add_argument("--img-size", type=int, dest="img_size")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run directory (default: runs/<stage>)")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, help="data loader workers (default: cores, at most 8)")
-    p.add_argument("--loader", help="auto (default: DALI when installed), dali, dali-gpu, dali-cpu or torch")
-    p.add_argument("--synthetic", help="synthesis output folder (manifest.csv + images/) to add to training")
-    p.add_argument("--balance", help="none (default) or equal: class-balanced batches")
-    p.add_argument("--neg-keep", type=float, dest="neg_keep",
-                   help="keep this fraction (<= 1) or count (> 1) of the majority class each epoch")
-    p.add_argument("--synth-ratio", type=float, dest="synth_ratio",
-                   help="synthetic images per real image (1, 3, 15; inf = synthetic only)")
-    p.add_argument("--max-steps", type=int, dest="max_steps", help="stop after this many optimiser steps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _base_parser(stages: dict, add_help: bool) -> argparse.ArgumentParser:
+    listing = "; ".join(f"{n}: {i.help}" for n, i in sorted(stages.items()))
+    p = _Parser(prog="python -m dermfast.train", add_help=add_help,
+                description=__doc__.splitlines()[0] + f"  Stages: {listing}.",
+                epilog="`--stage STAGE --help` lists that stage's options with their defaults.")
+    p.add_argument("--stage", help=f"training stage; accepted: {', '.join(sorted(stages))}")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags given here win)")
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    stage = args.stage.strip().lower()
-    if stage not in STAGE_CONFIGS:
+    from dermfast.train.cliargs import add_config_arguments, parsed_values
+    from dermfast.train.stages import broken_modules, discover
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stages = discover()
+    pre, _ = _base_parser(stages, add_help=False).parse_known_args(argv)
+    if pre.stage is None:
+        if any(a in ("-h", "--help") for a in argv):
+            _base_parser(stages, add_help=True).print_help()
+            return 0
+        return _fail(f"--stage is required; accepted: {', '.join(sorted(stages))}")
+    stage = pre.stage.strip().lower()
+    if stage not in stages:
         planned = f" ('{stage}' is planned but not implemented yet)" if stage in PLANNED_STAGES else ""
-        return _fail(f"unknown stage {args.stage!r}{planned}; accepted: {', '.join(STAGE_CONFIGS)}")
+        broken = [f"{m} ({why})" for m, why in broken_modules().items() if stage in m]
+        extra = f"; stage module failed to import: {broken[0]}" if broken else ""
+        return _fail(f"unknown stage {pre.stage!r}{planned}; accepted: {', '.join(sorted(stages))}{extra}")
+    info = stages[stage]
+    parser = _base_parser(stages, add_help=True)
+    add_config_arguments(parser, info.cls.Config)
+    args = parser.parse_args(argv)
+
+    from dermfast.data.loader import LoaderUnavailable
+    from dermfast.data.records import DatasetError
+    from dermfast.train.engine import Interrupted, TrainingError, train
     try:
         file_values = load_yaml(args.config) if args.config else {}
-        cli_values = {k: v for k, v in vars(args).items() if k not in ("stage", "config", "no_progress")}
-        cfg = build_config(STAGE_CONFIGS[stage], file_values, cli_values)
-        if stage == "mae":
-            from dermfast.models.mae import presets
-            if cfg.preset not in presets():
-                return _fail(f"unknown preset {cfg.preset!r}; accepted: {', '.join(presets())}")
-            from dermfast.train.mae import run_mae
-            run_mae(cfg, progress=not args.no_progress)
+        cli_values = parsed_values(args, info.cls.Config)
+        if "out" not in file_values and "out" not in cli_values and info.cls.default_out:
+            cli_values["out"] = info.cls.default_out
+        cfg = build_config(info.cls.Config, file_values, cli_values)
+        train(info.cls, cfg, argv=argv)
     except (ConfigError, DatasetError, LoaderUnavailable) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+        return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except TrainingError as e:
+        return _fail(str(e), 1)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # before the engine installed its handler, or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

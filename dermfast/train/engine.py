@@ -1,33 +1,60 @@
-"""Training engine shared by every stage: device and precision, optimiser, schedule, logging, checkpoints.
+"""The training engine every stage runs on: `train(StageClass, cfg)`.
 
-- bf16 autocast on CUDA; full fp32 on CPU.
-- Optimiser: apex FusedAdam when apex is installed, else torch AdamW with `fused=True` (CUDA and CPU).
-- Schedule: linear warmup then cosine decay to `min_lr`, stepped per optimiser step.
-- Losses stay on the device between log points: the host syncs once per `log_every` steps, not every step.
-- Checkpoints: safetensors written to a temporary name and renamed into place (atomic on POSIX).
+A stage (dermfast.train.stages.Stage) builds its model and loader and turns a batch into a loss; the engine
+owns the rest:
+- devices and processes: cuda:LOCAL_RANK under torchrun (NCCL; gloo on CPU), DDP or FSDP2, activation
+  checkpointing, bf16 autocast on CUDA, one thread budget (torch threads + loader threads <= cores);
+- the step: gradient accumulation (no all-reduce on accumulation micro-steps), global grad-norm (logged,
+  clipped with --clip-grad), a non-finite loss or gradient skips the step (counted; the run stops after
+  --max-bad-steps in a row), AdamW (torch fused, or apex), warmup + cosine lr set from the step number;
+- the run folder: refuses to overwrite another run, run.json (status), config.yaml (resolved), log.csv,
+  eval.csv, TensorBoard, plots.png, checkpoints (checkpoint.py) every --checkpoint-every steps and at epoch
+  ends, exact resume (--resume PATH | auto), SIGTERM / Ctrl-C: finish the step, checkpoint, exit 143 / 130.
+Host syncs: one small flag read per optimiser step (skip / stop decisions, the same on every rank) and the
+loss at log points; nothing per micro-step.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
-import math
 import os
 import random
+import shlex
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+
+from dermfast.train import checkpoint as ckpt
+from dermfast.train import distributed as dist
+from dermfast.train.config import ConfigError, config_dict, save_config
+from dermfast.train.context import Run
+from dermfast.train.distributed import World, resolve_device, world_from_env
+from dermfast.train.logs import CSVLog, TensorBoard, fmt
+from dermfast.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
+from dermfast.train.stages import Stage
+
+# Options that may differ between a run and its resumption (they change neither the math nor the data).
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "device", "workers", "threads", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "eval_every", "max_bad_steps"}
+ENGINE_FILES = ("run.json", "config.yaml", "log.csv", "eval.csv", "plots.png", "checkpoint.safetensors",
+                "best.safetensors", "checkpoints", "tensorboard")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return dev
+class TrainingError(RuntimeError):
+    """A run that failed while training (diverged, out of memory): one line for the CLI, exit code 1."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM: the step was finished and a checkpoint written; `exit_code` is 130 / 143."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def seed_everything(seed: int) -> None:
@@ -36,75 +63,610 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, tokens and position embeddings (1-D parameters), as in MAE."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    groups = param_groups(model, weight_decay)
-    device = next(model.parameters()).device
+# ------------------------------------------------------------------------------------- before any data
+def available_cores() -> int:
     try:
-        from apex.optimizers import FusedAdam  # optional peer; not on the package index
-        if device.type == "cuda":
-            return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True), "apex.FusedAdam"
-    except ImportError:
-        pass
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True), "torch.AdamW(fused)"
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float):
-    """LambdaLR factor: linear warmup from 0 over `warmup_steps`, then cosine to min_lr at `total_steps`."""
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        lr = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-        return lr / base_lr
-    return factor
+def thread_budget(cfg, world: World, loader_kind: str | None) -> tuple[int, int, str]:
+    """(torch intra-op threads, loader workers / DALI threads, the line to print). Cores are split between
+    the processes of a node; within a process, torch threads + loader threads <= its cores, because
+    oversubscribed cores collapse throughput under contention (a 2-core box fell from 330 to 20 img/s)."""
+    cores = max(1, available_cores() // max(1, world.local_world_size))
+    if loader_kind is None:
+        workers = 0
+    elif cfg.workers >= 0:
+        workers = cfg.workers
+    elif loader_kind == "torch":  # decode in the main process on small machines: no IPC, no extra threads
+        workers = 0 if cores <= 4 else min(8, cores // 4)
+    else:  # DALI needs at least one CPU thread; the GPU pipeline needs few
+        workers = max(1, min(8, cores // (4 if loader_kind == "dali-gpu" else 2)))
+    threads = cfg.threads if cfg.threads > 0 else max(1, cores - workers)
+    what = {"torch": "DataLoader workers", None: "loader threads"}.get(loader_kind, "DALI CPU threads")
+    line = f"threads: {cores} core(s) per process -> torch {threads} + {what} {workers}"
+    if threads + workers > cores:
+        line += f" (over the {cores} cores: expect contention; lower --threads or --workers)"
+    return threads, workers, line
 
 
-class CSVLog:
-    """Append rows to run_dir/log.csv; the header comes from the first row's keys."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fields: list[str] | None = None
-
-    def write(self, row: dict) -> None:
-        new = self._fields is None
-        if new:
-            self._fields = list(row)
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self._fields)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+def _run_info(run_dir: Path) -> dict | None:
+    p = run_dir / "run.json"
+    if p.is_file():
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return {"status": "unreadable"}
+    if any((run_dir / n).exists() for n in ("config.yaml", "log.csv", "checkpoint.safetensors")):
+        return {"status": "unknown (an earlier dermfast)"}
+    return None
 
 
-def save_checkpoint(path: Path, model: nn.Module, metadata: dict) -> None:
-    """Model weights as safetensors, with `metadata` (JSON strings) in the header; atomic replace."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+def check_out(run_dir: Path, stage: str, resuming: bool, overwrite: bool) -> bool:
+    """Refuse an --out that cannot hold this run; returns whether the folder must be created. Writes nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {str(run_dir)!r} is a file, not a folder; give a folder name")
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(run_dir)!r}: cannot write in {str(probe)!r} (permission denied); "
+                          "choose a folder you can write to")
+    info = _run_info(run_dir) if run_dir.is_dir() else None
+    if info is not None and not resuming and not overwrite:
+        what = f"a {info.get('status', '?')} {info.get('stage', '')} run".replace("  ", " ")
+        at = f" (step {info['step']})" if "step" in info else ""
+        raise ConfigError(f"--out {str(run_dir)!r} already holds {what}{at}; pass --resume auto to continue "
+                          "it, --overwrite to replace it, or another --out")
+    if info is not None and resuming and info.get("stage", stage) != stage:
+        raise ConfigError(f"--out {str(run_dir)!r} holds a {info.get('stage')} run, not a {stage} run")
+    return not run_dir.exists()
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    model.load_state_dict(load_file(str(path)))
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+def _resume_point(cfg, stage: str, run_dir: Path) -> Path | None:
+    if cfg.resume is None:
+        return None
+    try:
+        path = ckpt.find_resume(cfg.resume, run_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    state = json.loads((path / "state.json").read_text())
+    if state.get("stage") != stage:
+        raise ConfigError(f"--resume {str(path)!r} is a {state.get('stage')} checkpoint, not {stage}")
+    if state.get("finished"):
+        raise ConfigError(f"--resume {str(path)!r}: that run finished at step {state['step']}; nothing to "
+                          "resume (--overwrite trains again)")
+    saved, now = state.get("config", {}), config_dict(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"--resume: options differ from the checkpoint's ({shown}); an exact resume needs the "
+                          f"same settings (give the run's config.yaml with --config)")
+    return path
+
+
+class _Signals:
+    """SIGINT / SIGTERM set a flag the loop reads after each step; a second Ctrl-C quits at once."""
+
+    def __init__(self, verbose: bool):
+        self.signum: int | None = None
+        self.verbose, self._old = verbose, {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                  "(Ctrl-C again quits without one)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def resume_command(argv: list[str] | None) -> str:
+    args, skip = [], False
+    for a in argv or []:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume",):
+            skip = True
+            continue
+        if a.startswith("--resume=") or a in ("--overwrite", "--no-overwrite"):
+            continue
+        args.append(a)
+    return shlex.join(["python", "-m", "dermfast.train", *args, "--resume", "auto"])
+
+
+# -------------------------------------------------------------------------------------------------- train
+def train(stage_cls: type[Stage], cfg, argv: list[str] | None = None) -> Path:
+    """Run a stage end to end; returns the run folder. Raises ConfigError (bad input, nothing written),
+    TrainingError, Interrupted."""
+    world = world_from_env()
+    try:
+        device = resolve_device(cfg.device, world)
+    except ValueError as e:
+        raise ConfigError(f"bad --device {cfg.device!r}: {e}") from None
+    stage = stage_cls()
+    cfg = stage.resolve(cfg, world)
+    cfg.validate()
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ConfigError("--precision bf16 needs a CUDA device (CPU runs in fp32)")
+    bf16 = device.type == "cuda" and cfg.precision != "fp32"
+    run_dir = Path(cfg.out).expanduser()
+    resume_from = _resume_point(cfg, stage.name, run_dir)
+    created = check_out(run_dir, stage.name, resume_from is not None, cfg.overwrite)
+    loader_kind = None
+    if hasattr(cfg, "loader"):
+        from dermfast.data.loader import resolve_loader
+        loader_kind = resolve_loader(cfg.loader, device)
+    threads, workers, budget_line = thread_budget(cfg, world, loader_kind)
+    torch.set_num_threads(threads)
+    dist.init(world, device)
+    trainer = _Trainer(stage, cfg, run_dir, device, world, workers, threads, bf16, argv)
+    try:
+        if world.is_main:
+            trainer.open_run_dir(resume_from is not None)
+            print(budget_line)
+        dist.barrier()
+        return trainer.run(resume_from)
+    except BaseException:
+        if created and not trainer.started and world.is_main and run_dir.is_dir():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
+        raise
+    finally:
+        trainer.close()
+        dist.shutdown()
+
+
+class _Trainer:
+    def __init__(self, stage: Stage, cfg, run_dir: Path, device, world: World, workers: int, threads: int,
+                 bf16: bool, argv):
+        self.stage, self.cfg, self.run_dir, self.world, self.argv = stage, cfg, run_dir, world, argv
+        self.r = Run(cfg, run_dir, device, world, workers, threads, bf16)
+        self.started = False
+        self.skipped = self.bad_in_row = 0
+        self.samples_in_epoch = 0
+        self.best: float | None = None
+        self.log = self.eval_log = self.tb = None
+        self.t0 = time.perf_counter()
+
+    # --- the folder ------------------------------------------------------------------------------------
+    def open_run_dir(self, resuming: bool) -> None:
+        d = self.run_dir
+        d.mkdir(parents=True, exist_ok=True)
+        if self.cfg.overwrite and not resuming:
+            for name in ENGINE_FILES:
+                p = d / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        self._status("running")
+        save_config(self.cfg, d / "config.yaml")
+        self.r.wrote(d / "config.yaml")
+        self.r.wrote(d / "run.json")
+
+    def _status(self, status: str, **extra) -> None:
+        if not self.world.is_main:
+            return
+        info = {"stage": self.stage.name, "status": status, "step": self.r.step,
+                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "world_size": self.world.world_size, **extra}
+        ckpt.write_json(self.run_dir / "run.json", info)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+    # --- set-up ------------------------------------------------------------------------------------------
+    def run(self, resume_from: Path | None) -> Path:
+        cfg, r, stage = self.cfg, self.r, self.stage
+        seed_everything(cfg.seed)
+        parts = stage.build(r)
+        model = parts.model
+        r.raw_model = model
+        if cfg.activation_checkpointing:
+            n = dist.apply_activation_checkpointing(model, stage.blocks(model))
+            r.log(f"activation checkpointing: {n} blocks recompute their activations in backward")
+        if cfg.fsdp and not self.world.distributed:
+            r.log("--fsdp with one process: nothing to shard; training unsharded (launch with torchrun)")
+        r.model = dist.wrap(model, self.world, r.device, fsdp=cfg.fsdp and self.world.distributed,
+                            blocks=stage.blocks(model), bf16=r.bf16)
+        groups = stage.param_groups(model, cfg) or param_groups(model, cfg.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        try:
+            self.opt, opt_name = build_optimizer(groups, cfg.lr, cfg.betas, cfg.optimizer, r.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.loader, self.sampler = parts.loader, parts.sampler
+        batches = len(self.loader)
+        if batches < cfg.accum_steps:
+            raise ConfigError(f"an epoch has {batches} batch(es) of {r.batch_size}, fewer than --accum-steps "
+                              f"{cfg.accum_steps}: lower --batch-size or --accum-steps")
+        self.total = cfg.epochs * batches // cfg.accum_steps
+        if cfg.max_steps is not None:
+            self.total = min(self.total, cfg.max_steps)
+        spe = batches / cfg.accum_steps
+        self.warmup = min(self.total, int(cfg.warmup_epochs * spe))
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        r.log(f"{stage.name}: {parts.summary}{', ' if parts.summary else ''}{n_params:.1f} M params, device "
+              f"{r.device}{' (bf16 autocast)' if r.bf16 else ''}, {opt_name}")
+        r.log(f"batch: {r.batch_size} per rank x {cfg.accum_steps} accum x {self.world.world_size} rank(s) = "
+              f"{r.global_batch} global; lr {cfg.lr:.3g}" + (f" = blr {cfg.blr:.3g} x {r.global_batch} / 256"
+                                                             if cfg.blr is not None else "")
+              + f"; {self.total} steps ({spe:g} per epoch), warmup {self.warmup} -> {self.run_dir}")
+        self._warn_tiny_epoch(batches)
+        self.start_epoch, self.resume_loader = 0, None
+        if self.world.is_main:
+            self.log = CSVLog(self.run_dir / "log.csv")
+            self.eval_log = CSVLog(self.run_dir / "eval.csv")
+            self.tb = TensorBoard(self.run_dir / "tensorboard", enabled=True)
+            if self.tb.reason:
+                r.log(f"logs: {self.tb.reason}; CSV only")
+        self.running = torch.zeros((), device=r.device)
+        self.n_running = 0
+        if resume_from is not None:
+            self._load(resume_from)
+        elif self.world.is_main:
+            (self.run_dir / "log.csv").unlink(missing_ok=True)
+            (self.run_dir / "eval.csv").unlink(missing_ok=True)
+        r.wrote(self.run_dir / "log.csv")
+        return self._loop()
+
+    def _warn_tiny_epoch(self, batches: int) -> None:
+        cfg, r = self.cfg, self.r
+        steps = batches // cfg.accum_steps
+        n = len(self.sampler) if self.sampler is not None and hasattr(self.sampler, "__len__") else None
+        dropped = (n - batches * r.batch_size) if n is not None else 0
+        if steps < 10 or (n and dropped > 0.1 * n):
+            what = f"{n} images per rank" if n is not None else f"{batches} batches"
+            drop = f", {dropped} images ({dropped / n:.0%}) dropped each epoch" if n and dropped > 0.1 * n else ""
+            hint = f"; try --batch-size {max(1, n // 10)}" if n else "; lower --batch-size"
+            r.log(f"warning: an epoch is {steps} optimiser step(s) ({what} at batch {r.batch_size} x "
+                  f"{cfg.accum_steps} accum){drop}: the schedule and the loss curve mean little{hint} "
+                  "or use more data")
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def _loop(self) -> Path:
+        cfg, r, stage = self.cfg, self.r, self.stage
+        from tqdm.auto import tqdm
+        bar = tqdm(total=self.total, initial=r.step, desc=stage.name, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.world.is_main), smoothing=0.1)
+        self.started = True
+        has_eval = type(stage).evaluate is not Stage.evaluate
+        r.model.train()
+        interval = {"t": time.perf_counter(), "wait": 0.0, "micro": 0}
+        micro_in_step = 0
+        acc = torch.zeros((), device=r.device)
+        done = r.step >= self.total
+        try:
+            with _Signals(self.world.is_main) as sig:
+                for epoch in range(self.start_epoch, cfg.epochs):
+                    if done:
+                        break
+                    r.epoch = epoch
+                    self.loader.set_epoch(epoch)
+                    if self.resume_loader is not None:
+                        self._restore_loader(self.resume_loader)
+                        self.resume_loader = None
+                    else:
+                        self.samples_in_epoch = 0
+                    it = iter(self.loader)
+                    while True:
+                        t = time.perf_counter()
+                        batch = next(it, None)
+                        interval["wait"] += time.perf_counter() - t
+                        if batch is None:
+                            break
+                        micro_in_step += 1
+                        sync = micro_in_step == cfg.accum_steps
+                        with dist.no_sync(r.model, not sync):
+                            with r.autocast():
+                                loss, scalars = stage.step(batch, r)
+                            (loss / cfg.accum_steps).backward()
+                        acc += loss.detach().float()
+                        r.micro_step += 1
+                        interval["micro"] += 1
+                        self.samples_in_epoch += r.batch_size
+                        if not sync:
+                            continue
+                        micro_in_step = 0
+                        stop = self._optimizer_step(acc / cfg.accum_steps, sig.signum is not None)
+                        acc.zero_()
+                        bar.update(1)
+                        if r.step % cfg.log_every == 0 or r.step == self.total:
+                            self._log_row(interval, scalars, bar)
+                        done = r.step >= self.total
+                        if has_eval and cfg.eval_every and r.step % cfg.eval_every == 0:
+                            self._evaluate()
+                        if stop:
+                            self._checkpoint(mid_epoch=True)
+                            raise self._interrupted(sig.signum)
+                        if done:
+                            break
+                        if cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0:
+                            self._checkpoint(mid_epoch=True)
+                    if done:
+                        break
+                    if micro_in_step == 0:  # a finished epoch: evaluate and checkpoint here
+                        if has_eval and not cfg.eval_every:
+                            self._evaluate()
+                        self._checkpoint(mid_epoch=False)
+        except torch.OutOfMemoryError:
+            raise TrainingError(self._oom_message()) from None
+        finally:
+            bar.close()
+        if has_eval and (not cfg.eval_every or r.step % cfg.eval_every):
+            self._evaluate()
+        return self._finish()
+
+    def _optimizer_step(self, loss: torch.Tensor, stop_requested: bool) -> bool:
+        """Clip, check, step. Returns whether every rank agreed to stop (a signal arrived on any)."""
+        cfg, r = self.cfg, self.r
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=r.device)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        flags = torch.stack([(~torch.isfinite(norm) | ~torch.isfinite(loss)).float(),
+                             torch.tensor(float(stop_requested), device=norm.device)])
+        bad, stop = (bool(v) for v in dist.all_reduce_(flags, "max").tolist())  # the one sync per step
+        if bad:
+            self.opt.zero_grad(set_to_none=True)
+            self.last_norm = norm
+            self.skipped += 1
+            self.bad_in_row += 1
+            r.step += 1
+            if self.bad_in_row >= cfg.max_bad_steps:
+                last = ckpt.list_checkpoints(self.run_dir)
+                keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                self._status("diverged")
+                raise TrainingError(
+                    f"{self.stage.name}: the loss or gradient was not finite for {self.bad_in_row} steps in a row "
+                    f"(steps {r.step - self.bad_in_row + 1}-{r.step}); stopped. {keep}. Lower --lr "
+                    f"(now {cfg.lr:.3g}) or set --clip-grad, then --resume it")
+            return stop
+        self.bad_in_row = 0
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, cfg.clip_grad, norm)
+        set_lr(self.opt, warmup_cosine(r.step, self.total, self.warmup, cfg.lr, cfg.min_lr))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.running += loss
+        self.n_running += 1
+        self.last_norm = norm
+        r.step += 1
+        self.stage.after_step(r)
+        return stop
+
+    def _log_row(self, interval: dict, scalars: dict, bar) -> None:
+        r = self.r
+        now = time.perf_counter()
+        dt = max(now - interval["t"], 1e-9)
+        vals = torch.stack([self.running / max(1, self.n_running),
+                            getattr(self, "last_norm", torch.zeros((), device=r.device)).float()] +
+                           [v.detach().float().reshape(()) for v in scalars.values()])
+        vals = dist.all_reduce_(vals, "mean").tolist()  # the host sync of a log point
+        loss, norm = vals[0], vals[1]
+        ips = interval["micro"] * r.batch_size * self.world.world_size / dt
+        mem = ""
+        if r.device.type == "cuda":
+            mem = f"{torch.cuda.max_memory_allocated(r.device) / 2**30:.2f}"
+            torch.cuda.reset_peak_memory_stats(r.device)
+        row = {"epoch": r.epoch, "step": r.step, "loss": f"{loss:.6g}" if self.n_running else "",
+               "lr": f"{self.opt.param_groups[0]['lr']:.4g}", "grad_norm": f"{norm:.4g}",
+               "images_per_s": f"{ips:.1f}", "data_wait": f"{interval['wait'] / dt:.3f}", "gpu_mem_gib": mem,
+               "skipped": self.skipped, "elapsed_s": f"{time.perf_counter() - self.t0:.1f}"}
+        row.update({k: fmt(v) for k, v in zip(scalars, vals[2:])})
+        if self.world.is_main:
+            self.log.write(row)
+            self.tb.scalars(r.step, {k: float(v) for k, v in row.items() if v not in ("",)}, prefix="train/")
+            bar.set_postfix_str(f"loss {loss:.4f} | {ips:.0f} img/s | data wait {interval['wait'] / dt:.0%}"
+                                + (f" | skipped {self.skipped}" if self.skipped else ""))
+        self.running.zero_()
+        self.n_running = 0
+        interval.update(t=now, wait=0.0, micro=0)
+
+    def _evaluate(self) -> None:
+        r = self.r
+        r.model.eval()
+        with r.autocast():
+            metrics = self.stage.evaluate(r) or {}
+        r.model.train()
+        if not metrics or not self.world.is_main:
+            if metrics:
+                self._maybe_best(metrics)
+            return
+        self.eval_log.write({"step": r.step, "epoch": r.epoch, **{k: fmt(v) for k, v in metrics.items()}})
+        self.r.wrote(self.run_dir / "eval.csv")
+        self.tb.scalars(r.step, metrics, prefix="eval/")
+        r.log(f"eval @ step {r.step}: " + ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items()))
+        self._maybe_best(metrics)
+
+    def _maybe_best(self, metrics: dict) -> None:
+        sel = self.stage.selection(self.cfg)
+        if sel is None or sel[0] not in metrics or metrics[sel[0]] is None:
+            return
+        key, mode = sel
+        v = float(metrics[key])
+        if self.best is None or (v > self.best if mode == "max" else v < self.best):
+            self.best = v
+            weights = self.stage.final_weights(self.r)  # collective under FSDP
+            if self.world.is_main:
+                ckpt.save_safetensors(self.run_dir / "best.safetensors", weights,
+                                      self._final_meta(best={key: v}))
+                self.r.wrote(self.run_dir / "best.safetensors")
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def _checkpoint(self, mid_epoch: bool) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        r = self.r
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(r.model, self.opt, options=opts)
+        optim_t, optim_meta = ckpt.flatten_optimizer(optim_sd)
+        extra_t, extra_meta = self.stage.extra_state()
+        loader_state = None
+        if mid_epoch:
+            if hasattr(self.loader, "state_dict"):
+                loader_state = self.loader.state_dict()
+            elif self.sampler is not None:
+                loader_state = {"sampler": self.sampler.state_dict(consumed=self.samples_in_epoch)}
+        rng = {"torch": torch.get_rng_state().tolist(), "numpy": _np_state(), "python": _py_state(),
+               "cuda": torch.cuda.get_rng_state(r.device).tolist() if r.device.type == "cuda" else None}
+        per_rank = _gather({"loader": loader_state, "rng": rng})
+        if not self.world.is_main:
+            return None
+        tensors = {f"stage/{k}": v for k, v in extra_t.items()}
+        for rank, pr in enumerate(per_rank):
+            tensors[f"rng/{rank}/torch"] = torch.tensor(pr["rng"].pop("torch"), dtype=torch.uint8)
+            cuda = pr["rng"].pop("cuda")
+            if cuda is not None:
+                tensors[f"rng/{rank}/cuda"] = torch.tensor(cuda, dtype=torch.uint8)
+        state = {"stage": self.stage.name, "step": r.step, "micro_step": r.micro_step,
+                 "epoch": r.epoch if mid_epoch else r.epoch + 1, "mid_epoch": mid_epoch,
+                 "samples_in_epoch": self.samples_in_epoch if mid_epoch else 0,
+                 "skipped": self.skipped, "bad_in_row": self.bad_in_row, "best": self.best,
+                 "running": [float(self.running), self.n_running], "world_size": self.world.world_size,
+                 "per_rank": per_rank, "optimizer": optim_meta, "stage_extra": extra_meta,
+                 "config": config_dict(self.cfg), "finished": False,
+                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        path = ckpt.write_checkpoint(self.run_dir, r.step, {"model.safetensors": (model_sd, None),
+                                                            "optimizer.safetensors": (optim_t, None),
+                                                            "extra.safetensors": (tensors, None)},
+                                     state, keep=self.cfg.keep_checkpoints)
+        self._status("running", checkpoint=str(path))
+        return path
+
+    def _load(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        r = self.r
+        tensors, state = ckpt.read_checkpoint(path)
+        optim_sd = ckpt.unflatten_optimizer(tensors.get("optimizer", {}), state["optimizer"])
+        set_state_dict(r.model, self.opt, model_state_dict=tensors["model"], optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        extra = tensors.get("extra", {})
+        self.stage.load_extra_state({k[6:]: v for k, v in extra.items() if k.startswith("stage/")},
+                                    state.get("stage_extra", {}))
+        r.step, r.micro_step, r.epoch = state["step"], state["micro_step"], state["epoch"]
+        self.start_epoch = state["epoch"]
+        self.samples_in_epoch = state["samples_in_epoch"]
+        self.skipped, self.bad_in_row, self.best = state["skipped"], state["bad_in_row"], state["best"]
+        self.running.fill_(state["running"][0])
+        self.n_running = state["running"][1]
+        same_world = state["world_size"] == self.world.world_size
+        if same_world:
+            pr = state["per_rank"][self.world.rank]
+            torch.set_rng_state(extra[f"rng/{self.world.rank}/torch"])
+            if r.device.type == "cuda" and f"rng/{self.world.rank}/cuda" in extra:
+                torch.cuda.set_rng_state(extra[f"rng/{self.world.rank}/cuda"], r.device)
+            np.random.set_state(_np_unstate(pr["rng"]["numpy"]))
+            random.setstate(_py_unstate(pr["rng"]["python"]))
+            self.resume_loader = pr["loader"] if state["mid_epoch"] else None
+        else:
+            r.log(f"resume: the checkpoint was written by {state['world_size']} rank(s), this run has "
+                  f"{self.world.world_size}: resuming at the start of epoch {state['epoch'] + state['mid_epoch']}"
+                  " (not bit-exact)")
+            self.start_epoch += int(state["mid_epoch"])
+        if self.world.is_main:
+            self.log.truncate_after(r.step)
+            self.eval_log.truncate_after(r.step) if (self.run_dir / "eval.csv").is_file() else None
+        r.log(f"resumed from {path} at step {r.step} (epoch {r.epoch}, {self.samples_in_epoch} samples into it)")
+
+    def _restore_loader(self, state: dict) -> None:
+        if hasattr(self.loader, "load_state_dict") and "sampler" not in state:
+            self.loader.load_state_dict(state)
+        elif self.sampler is not None:
+            self.sampler.load_state_dict(state.get("sampler", state))
+        else:
+            raise TrainingError("resume: the loader has no load_state_dict and the stage gave no sampler")
+
+    def _interrupted(self, signum: int) -> Interrupted:
+        self._status("interrupted")
+        name = signal.Signals(signum).name
+        return Interrupted(f"{name} at step {self.r.step}: checkpoint written to {self.run_dir}/checkpoints; "
+                           f"resume with: {resume_command(self.argv)}", 128 + signum)
+
+    def _oom_message(self) -> str:
+        cfg, r = self.cfg, self.r
+        model = getattr(cfg, "preset", None) or getattr(cfg, "model", None) or self.stage.name
+        half = max(1, r.batch_size // 2)
+        return (f"out of GPU memory on {r.device} with {model} at --batch-size {r.batch_size} per GPU: try "
+                f"--batch-size {half} --accum-steps {cfg.accum_steps * 2} (the same global batch)"
+                + ("" if cfg.activation_checkpointing else ", --activation-checkpointing")
+                + ("" if cfg.fsdp else ", or --fsdp under torchrun"))
+
+    # --- the end ----------------------------------------------------------------------------------------------
+    def _final_meta(self, **extra) -> dict:
+        return {"stage": self.stage.name, "step": self.r.step, "epoch": self.r.epoch,
+                "config": config_dict(self.cfg), **self.stage.final_meta(self.r), **extra}
+
+    def _finish(self) -> Path:
+        r, d = self.r, self.run_dir
+        path = self._checkpoint(mid_epoch=False)
+        weights = self.stage.final_weights(r)
+        files = [Path(p) for p in self.stage.finish(r) or []]
+        if not self.world.is_main:
+            return d
+        state = json.loads((path / "state.json").read_text())
+        state["finished"] = True
+        ckpt.write_json(path / "state.json", state)
+        ckpt.save_safetensors(d / "checkpoint.safetensors", weights, self._final_meta())
+        r.wrote(d / "checkpoint.safetensors")
+        r.wrote(path)
+        for f in files:
+            r.wrote(f)
+        from dermfast.eval.plots import save_training_plots
+        try:
+            r.wrote(save_training_plots(d / "log.csv", d / "plots.png", eval_csv=d / "eval.csv"))
+        except ValueError as e:  # e.g. a run too short for a curve
+            r.log(f"plots: {e}")
+        if self.tb is not None and self.tb.writer is not None:
+            r.wrote(d / "tensorboard")
+        self._status("finished")
+        names = [str(p.relative_to(d)) if p.is_relative_to(d) else str(p) for p in r.files if p.exists()]
+        print(f"{self.stage.name}: done in {time.perf_counter() - self.t0:.0f} s; wrote {d}/"
+              "{" + ", ".join(names) + "}")
+        return d
+
+
+def _gather(obj) -> list:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _np_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _np_unstate(s: list):
+    return (s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4])
+
+
+def _py_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _py_unstate(s: list):
+    return (s[0], tuple(s[1]), s[2])
+
+
+__all__ = ["train", "TrainingError", "Interrupted", "thread_budget", "check_out", "seed_everything",
+           "resolve_device"]
