@@ -374,12 +374,15 @@ class _Layout:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
-            lengths: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (contiguous, q's shape and dtype) and lse (fp32, q.shape[:-1]); inputs already validated."""
+            lengths: torch.Tensor | None, scale: float, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (contiguous, q's shape and dtype) and lse (fp32, q.shape[:-1]); inputs already validated.
+
+    `out` / `lse` may be passed in (contiguous, right shape and dtype; tests pass them poisoned)."""
     packed = cu_seqlens is not None
     d0, d1 = split_head_dim(q.shape[-1])
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if lse is None else lse
     lay = _Layout(q, cu_seqlens, lengths)
     if lay.empty:
         lse.fill_(float("-inf"))
@@ -396,13 +399,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-             lengths: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous in q's shape and dtype. `dlse` is the gradient of the saved LSE (or None)."""
+             lengths: torch.Tensor | None, scale: float,
+             grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous in q's shape and dtype. `dlse` is the gradient of the saved LSE (or None).
+
+    `grads` may be passed in (three contiguous tensors like q; tests pass them poisoned)."""
     packed = cu_seqlens is not None
     d0, d1 = split_head_dim(q.shape[-1])
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq, dk, dv = grads if grads is not None else (torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                                                 for _ in range(3))
     lay = _Layout(q, cu_seqlens, lengths)
     if lay.empty:
         return dq.zero_(), dk.zero_(), dv.zero_()

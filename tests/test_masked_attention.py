@@ -1,0 +1,382 @@
+"""masked_attention: reference vs a textbook per-segment loop; Triton kernels (interpreter on CPU) vs the float64
+reference, forward and dq / dk / dv; the flash-attention rule in fp16 / bf16; no leaks between segments;
+padded rows; bad input; dispatch; custom-op registration (opcheck, torch.compile).
+
+Interpreter cost: about 1 s per fwd + bwd at T ~ 100, H = 2 on one CPU core; shapes are kept at that size.
+"""
+import pytest
+import torch
+
+from dermfast.ops import BackendUnavailable, Query, masked_attention, masked_attention_ref
+from dermfast.ops import masked_attention_op as mao
+from tests.conftest import TOLERANCES
+
+LENGTHS = [1, 7, 65, 33]  # 1, odd, just above a tile, not a multiple of 16
+
+
+def cu_of(lengths, device="cpu"):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def naive(q, k, v, cu=None, lengths=None, scale=None):
+    """Textbook attention per segment / per sample, in the inputs' own dtype.
+
+    The independent spec the reference is checked against (float64), and PyTorch's own low-precision result
+    for the flash-attention rule (fp16 / bf16)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def attend(qq, kk, vv):  # [H, n, D]
+        return torch.softmax((qq @ kk.transpose(-1, -2)) * scale, dim=-1) @ vv
+
+    if cu is not None:
+        bounds = cu.tolist()
+        return torch.cat([attend(*(x[a:e].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
+                          for a, e in zip(bounds[:-1], bounds[1:])])
+    out = []
+    for b in range(q.shape[0]):
+        n = q.shape[2] if lengths is None else int(lengths[b])
+        live = attend(q[b, :, :n], k[b, :, :n], v[b, :, :n])
+        out.append(torch.cat([live, live.new_zeros(q.shape[1], q.shape[2] - n, q.shape[3])], dim=1))
+    return torch.stack(out)
+
+
+def packed_qkv(lengths, H, D, dtype, device="cpu"):
+    """q, k, v [T, H, D] as strided views of one qkv tensor (as timm's projection gives them)."""
+    qkv = torch.randn(sum(lengths), 3, H, D, dtype=dtype, device=device)
+    return qkv.unbind(1)
+
+
+def padded_qkv(B, H, N, D, dtype, device="cpu"):
+    qkv = torch.randn(B, N, 3, H, D, dtype=dtype, device=device)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def fwd_bwd(fn, q, k, v, grad, **kw):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    return out, dq, dk, dv
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_against_reference(got, low, ref, dtype, names=("out", "dq", "dk", "dv")):
+    """fp32: (atol, rtol) from conftest; fp16 / bf16: error <= 2x PyTorch's own error in that dtype."""
+    for name, g, lo, r in zip(names, got, low, ref):
+        assert torch.isfinite(g).all(), name
+        if dtype == torch.float32:
+            atol, rtol = TOLERANCES[torch.float32]
+            torch.testing.assert_close(g.double(), r, atol=10 * atol, rtol=10 * rtol, msg=name)
+        else:
+            err, base = max_err(g, r), max_err(lo, r)
+            assert err <= 2 * base + 1e-5, f"{name}: kernel error {err:.3g} > 2x PyTorch {dtype} error {base:.3g}"
+
+
+# ------------------------------------------------------------------------------------ the reference
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [0, 5, 0, 3]])
+def test_reference_is_the_textbook_definition_packed(lengths):
+    q, k, v = packed_qkv(lengths, 3, 24, torch.float64)
+    cu = cu_of(lengths)
+    g = torch.randn(sum(lengths), 3, 24, dtype=torch.float64)
+    got = fwd_bwd(masked_attention_ref, q, k, v, g, cu_seqlens=cu)
+    want = fwd_bwd(naive, q, k, v, g, cu=cu)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_is_the_textbook_definition_padded_and_dense():
+    q, k, v = padded_qkv(4, 2, 19, 16, torch.float64)
+    lens = torch.tensor([19, 1, 0, 8])
+    g = torch.randn(4, 2, 19, 16, dtype=torch.float64)
+    for kw_ref, kw_naive in (({"lengths": lens}, {"lengths": lens}), ({}, {})):
+        got = fwd_bwd(masked_attention_ref, q, k, v, g, **kw_ref)
+        want = fwd_bwd(naive, q, k, v, g, **kw_naive)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    dense = masked_attention_ref(q, k, v)
+    torch.testing.assert_close(dense, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_torch_backend_backward_formula_matches_autograd(layout):
+    """The torch backend's explicit backward (from LSE) equals autograd through the reference, LSE grad too."""
+    if layout == "packed":
+        lengths = [3, 0, 9]
+        q, k, v = packed_qkv(lengths, 2, 8, torch.float64)
+        kw = {"cu_seqlens": cu_of(lengths)}
+    else:
+        q, k, v = padded_qkv(3, 2, 9, 8, torch.float64)
+        kw = {"lengths": torch.tensor([9, 2, 0])}
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = torch.ops.dermfast.masked_attention(q, k, v, kw.get("cu_seqlens"), None, kw.get("lengths"),
+                                                   None, "torch")
+    g, gl = torch.randn_like(out), torch.randn_like(lse)
+    live = torch.isfinite(lse)
+    loss = (out * g).sum() + (torch.where(live, lse, 0) * gl).sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    ro, rl = mao._forward_ref(q, k, v, **kw)
+    loss = (ro * g).sum() + (torch.where(live, rl, 0) * gl).sum()
+    want = torch.autograd.grad(loss, (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+# -------------------------------------------------------------------------- triton, under the interpreter
+
+
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_packed_matches_float64_reference(dtype, D):
+    q, k, v = packed_qkv(LENGTHS, 2, D, dtype)
+    cu = cu_of(LENGTHS)
+    g = torch.randn(q.shape, dtype=dtype)
+    got = fwd_bwd(masked_attention, q, k, v, g, cu_seqlens=cu, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double(), cu_seqlens=cu)
+    low = fwd_bwd(naive, q, k, v, g, cu=cu) if dtype != torch.float32 else ref
+    assert got[0].dtype == dtype and got[0].shape == q.shape
+    check_against_reference(got, low, ref, dtype)
+
+
+@pytest.mark.parametrize("D", [32, 96, 128])
+def test_triton_other_head_dims(D):
+    lengths = [5, 20]
+    q, k, v = packed_qkv(lengths, 1, D, torch.float16)
+    cu = cu_of(lengths)
+    g = torch.randn(q.shape, dtype=torch.float16)
+    got = fwd_bwd(masked_attention, q, k, v, g, cu_seqlens=cu, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double(), cu_seqlens=cu)
+    check_against_reference(got, fwd_bwd(naive, q, k, v, g, cu=cu), ref, torch.float16)
+
+
+def test_triton_padded_rows_zero_and_garbage_ignored():
+    """Padded: keys >= length ignored, output rows >= length exactly 0, gradients there 0; nan in the padding
+    never leaks; outputs and gradients are poisoned before the launch so unwritten elements would show."""
+    from dermfast.kernels import masked_attention as kern
+    B, H, N, D = 4, 2, 40, 80
+    q, k, v = (x.contiguous() for x in padded_qkv(B, H, N, D, torch.float32))
+    lens = torch.tensor([40, 17, 1, 0], dtype=torch.int32)
+    pad = torch.arange(N)[None, :] >= lens[:, None]  # [B, N]
+    for x in (q, k, v):
+        x.masked_fill_(pad[:, None, :, None], float("nan"))
+    out = torch.full(q.shape, float("nan"))
+    lse = torch.full(q.shape[:-1], float("nan"))
+    kern.forward(q, k, v, None, lens, D ** -0.5, out=out, lse=lse)
+    qc, kc, vc = (x.nan_to_num(0.0).double() for x in (q, k, v))
+    ref = masked_attention_ref(qc, kc, vc, lengths=lens)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[pad[:, None, :].expand(B, H, N)] == 0)
+    assert torch.all(lse[pad[:, None, :].expand(B, H, N)] == float("-inf"))
+
+    g = torch.randn(q.shape)
+    grads = tuple(torch.full(q.shape, float("nan")) for _ in range(3))
+    kern.backward(g, q, k, v, out, lse, None, None, lens, D ** -0.5, grads=grads)
+    want = fwd_bwd(masked_attention_ref, qc, kc, vc, g.double(), lengths=lens)[1:]
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=name)
+        assert torch.all(a[pad[:, None, :].expand(B, H, N)] == 0), name
+
+
+def test_triton_packed_poisoned_outputs_all_written():
+    from dermfast.kernels import masked_attention as kern
+    lengths = [1, 7, 0, 40]
+    q, k, v = packed_qkv(lengths, 2, 80, torch.float16)
+    cu = cu_of(lengths)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float16)
+    lse = torch.full(q.shape[:-1], float("nan"))
+    kern.forward(q, k, v, cu, None, 80 ** -0.5, out=out, lse=lse)
+    grads = tuple(torch.full(q.shape, float("nan"), dtype=torch.float16) for _ in range(3))
+    kern.backward(torch.randn(q.shape, dtype=torch.float16), q, k, v, out, lse, None, cu, None, 80 ** -0.5,
+                  grads=grads)
+    for t in (out, lse, *grads):
+        assert torch.isfinite(t).all()
+
+
+def test_triton_dense_matches_sdpa():
+    q, k, v = padded_qkv(2, 2, 33, 80, torch.float16)
+    g = torch.randn(q.shape, dtype=torch.float16)
+    got = fwd_bwd(masked_attention, q, k, v, g, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double())
+    check_against_reference(got, fwd_bwd(naive, q, k, v, g), ref, torch.float16)
+
+
+def test_segments_do_not_leak():
+    """Perturb segment 2's q, k, v and the upstream gradient there: nothing else moves (bit for bit)."""
+    lengths = [5, 30, 20, 9]
+    cu = cu_of(lengths)
+    q, k, v = (x.contiguous() for x in packed_qkv(lengths, 2, 64, torch.float32))
+    g = torch.randn(q.shape)
+    base = fwd_bwd(masked_attention, q, k, v, g, cu_seqlens=cu, backend="triton")
+    seg = slice(int(cu[2]), int(cu[3]))
+    q2, k2, v2, g2 = (x.clone() for x in (q, k, v, g))
+    for x in (q2, k2, v2, g2):
+        x[seg] = torch.randn_like(x[seg]) * 3
+    moved = fwd_bwd(masked_attention, q2, k2, v2, g2, cu_seqlens=cu, backend="triton")
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[seg] = False
+    for name, a, b in zip(("out", "dq", "dk", "dv"), base, moved):
+        assert torch.equal(a[others], b[others]), f"{name} of other segments moved"
+        assert not torch.equal(a[seg], b[seg]), f"{name} of the perturbed segment did not move"
+
+
+def test_lse_gradient_triton():
+    lengths = [3, 18]
+    q, k, v = packed_qkv(lengths, 1, 32, torch.float32)
+    cu = cu_of(lengths)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = torch.ops.dermfast.masked_attention(q, k, v, cu, None, None, None, "triton")
+    g, gl = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g).sum() + (lse * gl).sum(), (q, k, v))
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = mao._forward_ref(qd, kd, vd, cu_seqlens=cu)
+    want = torch.autograd.grad((ro * g.double()).sum() + (rl * gl.double()).sum(), (qd, kd, vd))
+    torch.testing.assert_close(lse.double(), rl, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_errors():
+    q, k, v = packed_qkv([3, 4], 2, 64, torch.float32)
+    cu = cu_of([3, 4])
+    with pytest.raises(ValueError, match="same shape"):
+        masked_attention(q, k[:6], v, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="one dtype"):
+        masked_attention(q, k.half(), v, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="start at 0"):
+        masked_attention(q, k, v, cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        masked_attention(q, k, v, cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="end at T"):
+        masked_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="1-D int32"):
+        masked_attention(q, k, v, cu_seqlens=cu.float())
+    with pytest.raises(ValueError, match="max_seqlen"):
+        masked_attention(q, k, v, cu_seqlens=cu, max_seqlen=3)
+    with pytest.raises(ValueError, match="packed"):
+        masked_attention(q[None], k[None], v[None], cu_seqlens=cu)
+    with pytest.raises(ValueError, match="not both"):
+        masked_attention(q, k, v, cu_seqlens=cu, lengths=torch.tensor([1, 2]))
+    qp, kp, vp = padded_qkv(2, 2, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, N = 8\]"):
+        masked_attention(qp, kp, vp, lengths=torch.tensor([8, 9]))
+    with pytest.raises(ValueError, match=r"lengths\[1\]=-1"):
+        masked_attention(qp, kp, vp, lengths=torch.tensor([8, -1]))
+    with pytest.raises(ValueError, match="B = 2 entries"):
+        masked_attention(qp, kp, vp, lengths=torch.tensor([8]))
+    with pytest.raises(ValueError, match=r"\[B, H, N, Dh\]"):
+        masked_attention(qp[0], kp[0], vp[0])
+    q40, k40, v40 = packed_qkv([3, 4], 2, 40, torch.float32)
+    with pytest.raises(BackendUnavailable, match="head dim 40"):
+        masked_attention(q40, k40, v40, cu_seqlens=cu, backend="triton")
+    with pytest.raises(BackendUnavailable, match="float64"):
+        masked_attention(q.double(), k.double(), v.double(), cu_seqlens=cu, backend="triton")
+
+
+def test_value_check_remembered_and_redone_after_mutation():
+    q, k, v = packed_qkv([3, 4], 1, 16, torch.float32)
+    cu = cu_of([3, 4])
+    masked_attention(q, k, v, cu_seqlens=cu)
+    assert getattr(cu, mao._CHECKED_ATTR)[0] == cu._version
+    cu[1] = 9  # in-place change bumps the version: checked again
+    with pytest.raises(ValueError, match="non-decreasing"):
+        masked_attention(q, k, v, cu_seqlens=cu)
+
+
+def test_automatic_dispatch_falls_back_with_reasons():
+    op = mao.masked_attention_fwd_op
+    assert op.select(Query(torch.device("cpu"), torch.float16, {"D": 80})).backend == "torch"  # no CPU triton
+    odd = Query(torch.device("cuda"), torch.float16, {"D": 40})
+    assert "head dim 40" in op.reasons(odd)["triton"]
+    assert op.select(odd).backend == "torch"
+    assert "float64" in op.reasons(Query(torch.device("cuda"), torch.float64, {"D": 64}))["triton"]
+    from dermfast.info import report
+    text = report()
+    assert "masked_attention " in text and "masked_attention_bwd" in text
+
+
+# ----------------------------------------------------------------------------------- custom op / compile
+
+
+def test_opcheck_torch_backend():
+    for args in (
+        (*packed_qkv([2, 0, 5], 2, 16, torch.float32), cu_of([2, 0, 5]), None, None, None, "torch"),
+        (*padded_qkv(2, 2, 6, 16, torch.float32), None, None, torch.tensor([6, 3]), 0.3, "torch"),
+    ):
+        q, k, v, *rest = args
+        q, k, v = (x.detach().contiguous().requires_grad_() for x in (q, k, v))
+        torch.library.opcheck(torch.ops.dermfast.masked_attention.default, (q, k, v, *rest))
+
+
+def test_opcheck_triton_backend():
+    q, k, v = (x.detach().contiguous().requires_grad_() for x in packed_qkv([3, 13], 1, 16, torch.float32))
+    torch.library.opcheck(torch.ops.dermfast.masked_attention.default,
+                          (q, k, v, cu_of([3, 13]), None, None, None, "triton"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    lengths = [4, 9]
+    cu = cu_of(lengths)
+    q, k, v = (x.detach().requires_grad_() for x in packed_qkv(lengths, 2, 16, torch.float32))
+
+    def f(q, k, v, cu):
+        return masked_attention(q * 2, k, v, cu_seqlens=cu, max_seqlen=9).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v, cu)
+    gq = torch.autograd.grad(got, q)[0]
+    want = f(q, k, v, cu)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gq, torch.autograd.grad(want, q)[0])
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L,D,ragged", [(65, 80, False), (65, 80, True), (257, 80, False), (257, 32, True)])
+def test_gpu_vit_h_shapes(dtype, L, D, ragged):
+    """ViT-H encoder (L 65 / 257, hd 80) and MAE decoder (hd 32) shapes, B 8 x H 16, fp16 / bf16."""
+    gen = torch.Generator().manual_seed(1)
+    B, H = 8, 16
+    lengths = ([int(L * (0.4 + 0.6 * torch.rand((), generator=gen))) or 1 for _ in range(B)] if ragged
+               else [L] * B)
+    q, k, v = packed_qkv(lengths, H, D, dtype, "cuda")
+    cu = cu_of(lengths, "cuda")
+    g = torch.randn(q.shape, dtype=dtype, device="cuda")
+    got = fwd_bwd(masked_attention, q, k, v, g, cu_seqlens=cu, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double(), cu_seqlens=cu)
+    check_against_reference(got, fwd_bwd(naive, q, k, v, g, cu=cu), ref, dtype)
+    # the padded form of the same batch gives the same rows
+    Lmax = max(lengths)
+    seg, pos = mao._pack_index(cu, q.shape[0])
+    qp, kp, vp, gp = (mao._to_padded(x, seg, pos, B, Lmax).contiguous() for x in (q, k, v, g))
+    lens = torch.tensor(lengths, device="cuda")
+    padded = fwd_bwd(masked_attention, qp, kp, vp, gp, lengths=lens, backend="triton")
+    for a, b in zip(got, padded):
+        torch.testing.assert_close(a, mao._to_packed(b, seg, pos), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
+def test_gpu_fp32_and_head_dims(D):
+    lengths = [1, 7, 65, 33, 257]
+    q, k, v = packed_qkv(lengths, 4, D, torch.float32, "cuda")
+    cu = cu_of(lengths, "cuda")
+    g = torch.randn(q.shape, device="cuda")
+    got = fwd_bwd(masked_attention, q, k, v, g, cu_seqlens=cu, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double(), cu_seqlens=cu)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-2 if tf32 else 1e-4, rtol=2e-2 if tf32 else 1e-4,
+                                   msg=name)
