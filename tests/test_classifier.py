@@ -6,7 +6,14 @@ import torch
 from dermfast.models.classifier import (CheckpointError, ClassifierSpec, build_classifier, classifier_metadata,
                                         load_classifier, load_init)
 from dermfast.models.mae import MAEPreset, MaskedAutoencoderViT
-from dermfast.train.engine import save_checkpoint
+
+def save_checkpoint(path, model, metadata):
+    """The checkpoint format both the old and the new engine write: safetensors, JSON-encoded metadata values."""
+    import json
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in metadata.items()})
+
 
 TINY = MAEPreset(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
                  decoder_depth=1, decoder_num_heads=2)

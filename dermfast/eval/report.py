@@ -1,0 +1,166 @@
+"""The evaluation report: one self-contained HTML file (every figure an embedded PNG, no external assets).
+
+Figures are drawn on matplotlib `Figure` objects with the Agg canvas, never through pyplot, so no global
+backend or figure state is touched. Sections: metrics table (the ensemble beside each member), per-class
+table, confusion matrix, ROC and precision-recall curves (one-vs-rest per class; binary problems show the
+positive class), reliability diagram, the most confident errors per true class as thumbnails, and Grad-CAM /
+attention-rollout overlays.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+SUMMARY_KEYS = (("n", "images"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                ("macro_f1", "macro F1"), ("auroc", "AUROC (OvR macro)"), ("pauc_80tpr", "pAUC above 80% TPR"),
+                ("sens_at_90spec", "sensitivity @ 90% spec."), ("sens_at_95spec", "sensitivity @ 95% spec."),
+                ("ece", "ECE (15 bins)"))
+
+
+def _figure(w: float = 4.2, h: float = 3.6):
+    from matplotlib.figure import Figure
+    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def png_image(arr: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _img_tag(png: bytes, alt: str, width: int | None = None) -> str:
+    w = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}"{w} src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def confusion_png(cm: list[list[int]], classes: list[str]) -> bytes:
+    cm_a = np.asarray(cm)
+    fig = _figure(1.2 + 0.55 * len(classes), 1.0 + 0.5 * len(classes))
+    ax = fig.add_subplot()
+    rows = cm_a.sum(1, keepdims=True)
+    ax.imshow(np.divide(cm_a, rows, out=np.zeros_like(cm_a, dtype=float), where=rows > 0), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm_a[i, j]), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (colour: row-normalised)", fontsize=9)
+    return _png(fig)
+
+
+def _curve_classes(y: np.ndarray, classes: list[str], positive: str | None) -> list[int]:
+    present = [k for k in range(len(classes)) if (y == k).any() and (y != k).any()]
+    if len(classes) == 2:
+        k = classes.index(positive) if positive in classes else 1
+        return [k] if k in present else []
+    return present
+
+
+def roc_pr_png(y: np.ndarray, probs: np.ndarray, classes: list[str], positive: str | None) -> bytes:
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+    fig = _figure(8.4, 3.6)
+    ax_roc, ax_pr = fig.subplots(1, 2)
+    for k in _curve_classes(y, classes, positive):
+        fpr, tpr, _ = roc_curve(y == k, probs[:, k])
+        ax_roc.plot(fpr, tpr, label=f"{classes[k]} (AUC {auc(fpr, tpr):.3f})")
+        prec, rec, _ = precision_recall_curve(y == k, probs[:, k])
+        ax_pr.plot(rec, prec, label=f"{classes[k]} (prevalence {np.mean(y == k):.2f})")
+    ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax_roc.axhline(0.8, color="grey", lw=0.6, ls="--")
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one-vs-rest)")
+    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+    for ax in (ax_roc, ax_pr):
+        ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
+    return _png(fig)
+
+
+def reliability_png(rel: dict) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot()
+    centres = [(lo + hi) / 2 for lo, hi in zip(rel["lo"], rel["hi"])]
+    width = rel["hi"][0] - rel["lo"][0]
+    acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
+    ax.bar(centres, acc, width=width * 0.95, color="tab:blue", alpha=0.7, label="accuracy")
+    conf = [(c, v) for c, v in zip(centres, rel["confidence"]) if v is not None]
+    if conf:
+        ax.plot(*zip(*conf), "o", color="tab:red", ms=3, label="mean confidence")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "<i>undefined</i>"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def write_report(path: Path, metrics: dict, members: list[dict], classes: list[str], figures: dict[str, bytes],
+                 errors: dict[str, list[tuple[bytes, str]]], explanations: list[tuple[bytes, str]],
+                 explain_method: str | None, notes: list[str]) -> Path:
+    """metrics: the (ensemble) metrics dict; members: [{"checkpoint", **metrics}] for ensembles (else []);
+    figures: {title: png}; errors: {true class: [(thumbnail png, caption)]}; explanations: [(png, caption)]."""
+    cols = [("ensemble" if members else "model", metrics)] + [(Path(m["checkpoint"]).parent.name or m["checkpoint"], m)
+                                                               for m in members]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
+    rows = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for _, m in cols) + "</tr>"
+                   for k, label in SUMMARY_KEYS)
+    pc = metrics["per_class"]
+    pc_rows = "".join(
+        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(pc[c].get(k))}</td>"
+                                                   for k in ("precision", "recall", "f1", "auroc", "support")) + "</tr>"
+        for c in classes)
+    figs = "".join(f"<figure>{_img_tag(png, title)}<figcaption>{html.escape(title)}</figcaption></figure>"
+                   for title, png in figures.items())
+    err_html = ""
+    for cls, items in errors.items():
+        if items:
+            thumbs = "".join(f"<figure>{_img_tag(png, cap, 112)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                             for png, cap in items)
+            err_html += f"<h3>true class {html.escape(cls)}</h3><div class=row>{thumbs}</div>"
+    err_html = err_html or "<p>No errors.</p>"
+    exp_html = "".join(f"<figure>{_img_tag(png, cap, 224)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                       for png, cap in explanations) or "<p>none</p>"
+    note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    doc = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dermfast evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left}}
+figure{{display:inline-block;margin:6px;vertical-align:top}} figcaption{{font-size:11px;max-width:230px}}
+.row{{display:flex;flex-wrap:wrap}}</style></head><body>
+<h1>dermfast evaluation</h1>
+<p>checkpoint: {html.escape(str(metrics.get("checkpoint")))}<br>data: {html.escape(str(metrics.get("data")))}<br>
+positive class (pAUC, sensitivity): {_fmt(metrics.get("positive_class"))}</p>
+<ul>{note_html}</ul>
+<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>
+<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>AUROC (OvR)</th>
+<th>support</th></tr>{pc_rows}</table>
+<h2>Figures</h2>{figs}
+<h2>Most confident errors</h2>{err_html}
+<h2>Explanations ({html.escape(explain_method or "none")})</h2><div class=row>{exp_html}</div>
+</body></html>
+"""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(path)
+    return path

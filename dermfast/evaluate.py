@@ -1,0 +1,282 @@
+"""`python -m dermfast.evaluate --checkpoint RUN [RUN ...] [--data PATH] [--out DIR] [--positive CLASS] [--tta]`
+
+Evaluates a fine-tuned or distilled classifier (a run directory or a checkpoint file) on its own run's test split
+(the run's splits.csv over the dataset its config.yaml names), or on any dataset `--data` names (any adapter
+format, every image). Classes are matched by name: the dataset may hold a subset of the model's classes, never
+a class the model does not know. Several checkpoints form an ensemble (mean of probabilities), reported beside
+each member. `--tta` averages the probabilities over the four flips (none, horizontal, vertical, both).
+
+Writes OUT/metrics.json (accuracy, balanced_accuracy, macro_f1, auroc, pauc_80tpr, ece, per_class,
+confusion_matrix, n, positive_class, checkpoint, data, and more), OUT/predictions.csv and OUT/report.html.
+Bad input (a checkpoint of another stage, mismatched classes, an empty or single-class evaluation set) is one
+line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermfast.data.records import DatasetError, ImageRecords
+
+
+class EvalError(ValueError):
+    """Evaluation cannot proceed on this input (one line, exit 2)."""
+
+
+TTA_FLIPS = ((), (3,), (2,), (2, 3))
+
+
+@torch.no_grad()
+def predict(model, loader, device: torch.device, tta: bool = False, autocast=None) -> tuple[np.ndarray, np.ndarray]:
+    """(probs [N, C] float64, labels [N] as the loader gives them) over one pass of an evaluation loader."""
+    import contextlib
+    model.eval()
+    probs, labels = [], []
+    for batch in loader:
+        x = batch["image"].to(device)
+        acc = None
+        for dims in (TTA_FLIPS if tta else ((),)):
+            with (autocast or contextlib.nullcontext()):
+                logits = model(x.flip(dims) if dims else x)
+            p = logits.float().softmax(-1)
+            acc = p if acc is None else acc + p
+        probs.append((acc / (len(TTA_FLIPS) if tta else 1)).double().cpu())
+        labels.append(batch["label"].cpu())
+    if not probs:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+def eval_augment(meta: dict):
+    from dermfast.data.augment import Augment
+    return Augment(size=int(meta["img_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+
+
+def _run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory holding a checkpoint: the nearest folder up to three levels above with config.yaml."""
+    for d in [checkpoint.parent, *list(checkpoint.parents)[1:3]]:
+        if (d / "config.yaml").is_file():
+            return d
+    return None
+
+
+def own_split(checkpoint: Path, split: str = "test", progress: bool = False) -> tuple[ImageRecords, str]:
+    """The run's own split: its config.yaml's dataset (None = the embedded one), filtered by its splits.csv."""
+    import yaml
+
+    from dermfast.data.pipeline import open_records
+    from dermfast.data.splits import load_splits
+    from dermfast.data.toy import default_cache_dir
+    from dermfast.data.validate import validate_records
+    run = _run_dir_of(checkpoint)
+    if run is None or not (run / "splits.csv").is_file():
+        raise EvalError(f"{checkpoint}: no run directory with config.yaml and splits.csv around it; "
+                        "name the evaluation data with --data")
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    data = cfg.get("data")
+    records = open_records(data, toy_images=int(cfg.get("toy_images", 1200)),
+                           toy_image_size=int(cfg.get("toy_image_size", 128)), progress=progress)
+    records, _ = validate_records(records, cache_dir=default_cache_dir() / "validate", progress=progress)
+    splits = load_splits(run / "splits.csv", records)
+    desc = f"{data if data is not None else 'embedded toy dataset'} ({split} split of {run / 'splits.csv'})"
+    return records.subset(splits[split]), desc
+
+
+def data_records(path: str, progress: bool = False) -> tuple[ImageRecords, str]:
+    from dermfast.data.records import open_dataset
+    from dermfast.data.toy import default_cache_dir
+    from dermfast.data.validate import validate_records
+    records = open_dataset(path)
+    records, report = validate_records(records, cache_dir=default_cache_dir() / "validate", progress=progress)
+    if report.n_skipped:
+        print(f"evaluate: {report.summary()}", file=sys.stderr)
+    return records, str(path)
+
+
+def match_classes(records: ImageRecords, model_classes: list[str]) -> np.ndarray:
+    """Dataset labels -> model class indices, by class name (exact, else case-insensitive)."""
+    if len(records) and (not records.classes or (records.labels < 0).any()):
+        raise EvalError(f"{records.root}: evaluation needs labelled images (class subfolders or a label csv)")
+    exact = {c: i for i, c in enumerate(model_classes)}
+    folded = {c.casefold(): i for i, c in enumerate(model_classes)}
+    mapping, unknown = [], []
+    for c in records.classes:
+        i = exact.get(c, folded.get(c.casefold()))
+        mapping.append(-1 if i is None else i)
+        if i is None and (records.labels == len(mapping) - 1).any():
+            unknown.append(c)
+    if unknown:
+        raise EvalError(f"the dataset holds class(es) {', '.join(map(repr, unknown))} the model does not know; "
+                        f"model classes: {', '.join(model_classes)}")
+    return np.asarray(mapping, dtype=np.int64)[records.labels] if len(records) else records.labels
+
+
+def _load_members(paths: list[str], device):
+    from dermfast.models.classifier import load_classifier
+    members = [load_classifier(p, device) for p in paths]
+    classes = members[0][1]["classes"]
+    for _, meta in members[1:]:
+        if meta["classes"] != classes:
+            raise EvalError(f"ensemble members disagree on classes: {classes} vs {meta['classes']} "
+                            f"({meta['checkpoint_path']})")
+    return members, classes
+
+
+def _denorm(x: torch.Tensor, meta: dict) -> np.ndarray:
+    mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    out = (x.float().cpu() * std + mean).clamp(0, 1)
+    return (out.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _images(records: ImageRecords, idx, meta, args, device) -> torch.Tensor:
+    from dermfast.data.loader import build_loader
+    loader = build_loader(records.subset(list(idx)), eval_augment(meta), max(1, len(idx)), train=False,
+                          loader=args.loader, device=device, workers=0)
+    return torch.cat([b["image"] for b in loader])
+
+
+def _report(out: Path, metrics, member_metrics, classes, y, probs, records, members, args, device, notes):
+    from dermfast.eval import explain as ex
+    from dermfast.eval import metrics as M
+    from dermfast.eval import report as R
+    figures = {"confusion matrix": R.confusion_png(metrics["confusion_matrix"], classes),
+               "ROC and precision-recall": R.roc_pr_png(y, probs, classes, metrics["positive_class"]),
+               "reliability diagram": R.reliability_png(M.reliability(y, probs))}
+    model, meta = members[0]
+    pred, conf = probs.argmax(1), probs.max(1)
+    errors, picked = {}, []
+    for k, name in enumerate(classes):
+        wrong = np.flatnonzero((y == k) & (pred != k))
+        top = wrong[np.argsort(-conf[wrong], kind="stable")][: args.errors]
+        errors[name] = [(int(i), f"true {name}, predicted {classes[pred[i]]} ({conf[i]:.2f})") for i in top]
+        picked += list(top)
+    thumbs = {}
+    if picked:
+        imgs = _denorm(_images(records, picked, meta, args, device), meta)
+        thumbs = {int(i): R.png_image(im) for i, im in zip(picked, imgs)}
+    errors = {c: [(thumbs[i], cap) for i, cap in items] for c, items in errors.items()}
+    explanations, method = [], None
+    if args.explain > 0:
+        idx = np.linspace(0, len(y) - 1, num=min(args.explain, len(y))).round().astype(int)
+        x = _images(records, idx, meta, args, device)
+        try:
+            maps, method = ex.explain(model, x, torch.as_tensor(pred[idx], device=device))
+            for i, im, hm in zip(idx, _denorm(x, meta), maps):
+                pair = np.concatenate([im, ex.overlay(im, hm)], axis=1)
+                explanations.append((R.png_image(pair), f"true {classes[y[i]]}, predicted {classes[pred[i]]}"))
+        except ValueError as e:
+            notes.append(f"explanations skipped: {e}")
+        if len(members) > 1:
+            notes.append(f"explanations are of the first member ({meta['checkpoint_path']})")
+    R.write_report(out / "report.html", metrics, member_metrics, classes, figures, errors, explanations, method, notes)
+
+
+def evaluate(args) -> dict:
+    from dermfast.data.loader import build_loader
+    from dermfast.eval import metrics as M
+    from dermfast.train.engine import resolve_device
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise EvalError(f"bad --device {args.device!r}: {e}") from None
+    members, classes = _load_members(args.checkpoint, device)
+    first = Path(members[0][1]["checkpoint_path"])
+    if args.data is not None:
+        records, data_desc = data_records(args.data)
+    else:
+        records, data_desc = own_split(first, args.split)
+    if len(records) == 0:
+        raise EvalError(f"the evaluation set is empty ({data_desc})")
+    y = match_classes(records, classes)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise EvalError(f"the evaluation set holds a single class ({classes[present[0]]!r}, {len(y)} images): "
+                        "balanced accuracy and AUROC are undefined; evaluate on data with at least two classes")
+    positive = args.positive
+    if positive is not None and positive not in classes:
+        raise EvalError(f"--positive {positive!r} is not a model class; accepted: {', '.join(classes)}")
+    positive = positive or M.default_positive(classes)
+
+    member_probs = []
+    for model, meta in members:
+        loader = build_loader(records, eval_augment(meta), args.batch_size, train=False, loader=args.loader,
+                              device=device, workers=args.workers)
+        probs, _ = predict(model, loader, device, tta=args.tta)
+        member_probs.append(probs)
+    probs = np.mean(member_probs, axis=0)
+    metrics = M.compute_all(y, probs, classes, positive)
+    ckpts = [m["checkpoint_path"] for _, m in members]
+    metrics.update(checkpoint=ckpts[0] if len(ckpts) == 1 else ckpts, data=data_desc, tta=bool(args.tta),
+                   classes=classes, present_classes=[classes[k] for k in present])
+    member_metrics = []
+    if len(members) > 1:
+        for path, p in zip(ckpts, member_probs):
+            member_metrics.append({"checkpoint": path, **M.compute_all(y, p, classes, positive)})
+        metrics["members"] = member_metrics
+
+    out = Path(args.out) if args.out else (_run_dir_of(first) or first.parent) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "predicted", *[f"p_{c}" for c in classes]])
+        for i in range(len(y)):
+            w.writerow([records.paths[i], classes[y[i]], classes[int(probs[i].argmax())],
+                        *[f"{v:.6f}" for v in probs[i]]])
+    notes = [f"{len(y)} images; classes present: {', '.join(metrics['present_classes'])}"]
+    if args.tta:
+        notes.append("test-time augmentation: mean over 4 flips")
+    if not args.no_report:
+        _report(out, metrics, member_metrics, classes, y, probs, records, members, args, device, notes)
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dermfast.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", nargs="+", required=True, help="run directories or checkpoint files; several = an ensemble")
+    p.add_argument("--data", help="dataset to evaluate on, every image (default: the run's own test split)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="without --data: which split of the run's splits.csv (default test)")
+    p.add_argument("--out", help="output directory (default: RUN/eval)")
+    p.add_argument("--positive", help="the malignant class for pAUC and sensitivity (default: melanoma / mel / "
+                                      "malignant when present)")
+    p.add_argument("--tta", action="store_true", help="average over horizontal / vertical flips")
+    p.add_argument("--batch-size", type=int, default=64, dest="batch_size")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--loader", default="torch", help="data loader backend (default torch)")
+    p.add_argument("--workers", type=int, default=0, help="loader workers (default 0)")
+    p.add_argument("--errors", type=int, default=4, help="most confident errors shown per class (default 4)")
+    p.add_argument("--explain", type=int, default=4, help="images with Grad-CAM / attention rollout (default 4)")
+    p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.html")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from dermfast.data.loader import LoaderUnavailable
+    from dermfast.models.classifier import CheckpointError
+    try:
+        m = evaluate(args)
+    except (CheckpointError, DatasetError, EvalError, LoaderUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"error: {e} (pip install 'dermfast[eval]')", file=sys.stderr)
+        return 2
+    fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"evaluate: n {m['n']}, accuracy {fmt(m['accuracy'])}, balanced accuracy {fmt(m['balanced_accuracy'])}, "
+          f"macro F1 {fmt(m['macro_f1'])}, AUROC {fmt(m['auroc'])}, pAUC>80%TPR {fmt(m['pauc_80tpr'])} "
+          f"(positive {m['positive_class']}), ECE {fmt(m['ece'])} -> {m['out']}/metrics.json, report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
