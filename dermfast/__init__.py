@@ -7,3 +7,11 @@ from dermfast._optional import HAS_CUDA_EXT, HAS_DALI, HAS_DIFFUSERS, HAS_TRITON
 
 __version__ = "0.1.0"
 __all__ = ["HAS_CUDA_EXT", "HAS_DALI", "HAS_DIFFUSERS", "HAS_TRITON", "__version__"]
+
+
+def __getattr__(name: str):
+    # `dermfast.patch_timm` imports timm only when it is first used, so `import dermfast` stays light.
+    if name == "patch_timm":
+        from dermfast.models.attention import patch_timm
+        return patch_timm
+    raise AttributeError(f"module 'dermfast' has no attribute {name!r}")

@@ -1,0 +1,98 @@
+"""MaskedAttention: timm's `Attention` with dermfast's masked-patch attention as its core, and `patch_timm`.
+
+Why a subclass: same parameters, buffers and state_dict keys as `timm.layers.Attention` (qkv, q_norm, k_norm,
+norm, proj, ...), so pretrained timm checkpoints load unchanged and `patch_timm(model)` can swap the class of
+an existing module in place (`module.__class__ = MaskedAttention`: nothing is copied or re-created, hooks and
+optimiser references stay valid). Only the attention core differs: `dermfast.ops.masked_attention`, which also
+takes ragged input:
+
+    attn(x)                                  x [B, N, C] dense (what timm's Block passes): same result as timm
+    attn(x, lengths=lengths)                 x [B, N, C] padded; rows >= lengths[b] attend nowhere (their
+                                             attention output is 0, so the module returns proj.bias there)
+    attn(x, cu_seqlens=cu, max_seqlen=m)     x [T, C] or [1, T, C] packed visible tokens of B images
+
+What the op does not do is delegated to timm's own forward, unchanged: an arbitrary `attn_mask`, `is_causal`,
+and attention-weight dropout while training (attn_drop.p > 0). Combining those with lengths / cu_seqlens is an
+error, never a silent change of semantics.
+
+This module imports timm; `import dermfast` does not (dermfast.patch_timm / dermfast.models.MaskedAttention
+are resolved lazily).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers import Attention
+from torch import nn
+
+from dermfast.ops.masked_attention_op import masked_attention
+
+
+class MaskedAttention(Attention):
+    """timm `Attention` computed by `dermfast.ops.masked_attention` (dense, padded with lengths, or packed).
+
+    `backend` (class default None = automatic) may be set per instance ("triton", "torch").
+    """
+
+    backend: Optional[str] = None
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False, *,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ragged = cu_seqlens is not None or lengths is not None
+        dropout = self.training and self.attn_drop.p > 0
+        if attn_mask is not None or is_causal or dropout:
+            if ragged:
+                why = "attn_mask" if attn_mask is not None else "is_causal" if is_causal else "attention dropout"
+                raise ValueError(f"MaskedAttention: {why} cannot be combined with cu_seqlens / lengths")
+            if attn_mask is None and not is_causal:
+                return super().forward(x)
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+        H, Dh = self.num_heads, self.head_dim
+        attn_dim = getattr(self, "attn_dim", H * Dh)  # older timm: no attn_dim attribute
+        gate_layer = getattr(self, "gate", None)
+        gate = gate_layer(x).sigmoid() if gate_layer is not None else None
+        if cu_seqlens is not None:
+            if x.dim() == 3 and x.shape[0] != 1:
+                raise ValueError(f"MaskedAttention: packed x must be [T, C] or [1, T, C], got {tuple(x.shape)}")
+            tokens = x.reshape(-1, x.shape[-1])
+            T = tokens.shape[0]
+            q, k, v = self.qkv(tokens).reshape(T, 3, H, Dh).unbind(1)  # [T, H, Dh] strided views
+            q, k = self.q_norm(q), self.k_norm(k)
+            o = masked_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=self.scale,
+                                 backend=self.backend)
+            o = o.reshape(*x.shape[:-1], attn_dim)
+        else:
+            B, N, _ = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh]
+            q, k = self.q_norm(q), self.k_norm(k)
+            o = masked_attention(q, k, v, lengths=lengths, scale=self.scale, backend=self.backend)
+            o = o.transpose(1, 2).reshape(B, N, attn_dim)
+        norm = getattr(self, "norm", None)
+        if norm is not None:
+            o = norm(o)
+        if gate is not None:
+            o = o * gate
+        return self.proj_drop(self.proj(o))
+
+
+def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Swap every `timm.layers.Attention` in `model` for `MaskedAttention`, in place; returns `model`.
+
+    Only modules whose class is exactly timm's `Attention` are swapped (subclasses with their own forward are
+    left alone; modules already swapped are kept). Weights, state_dict keys, hooks and parameter identity are
+    unchanged. `backend` is stored on each module (None = automatic). Raises ValueError if the model holds no timm Attention.
+    """
+    found = 0
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = MaskedAttention
+        if type(module) is MaskedAttention:
+            if backend is not None:
+                module.backend = backend
+            found += 1
+    if found == 0:
+        raise ValueError(f"patch_timm: {type(model).__name__} holds no timm.layers.Attention module to swap")
+    return model
