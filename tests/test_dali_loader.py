@@ -2,6 +2,8 @@
 
 Small generated JPEGs (smooth random content, sizes 48..120 px) and 32 px outputs keep the module fast.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -166,12 +168,38 @@ def test_half_precision_output(records, dtype):
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()  # one rounding to 8 / 11 mantissa bits
 
 
-def test_parallel_source_gives_the_same_batches(records):
-    kw = {"train": True, "sampler": None, "seed": 2}
-    ref = _epoch(_cpu(records, TRAIN_AUG, 6, **kw))
-    par = _epoch(_cpu(records, TRAIN_AUG, 6, parallel=True, py_workers=1, **kw))
-    assert _cat(par, "label").tolist() == _cat(ref, "label").tolist()
-    assert torch.equal(_cat(par, "image"), _cat(ref, "image"))
+def _images(loader, epochs, break_after=None):
+    """{epoch: images} over `epochs` epochs; epoch `break_after[0]` is left after `break_after[1]` batches."""
+    out = {}
+    for _ in range(epochs):
+        e, got = loader.epoch, []
+        for k, b in enumerate(loader):
+            got.append(b["image"])
+            if break_after and e == break_after[0] and k + 1 == break_after[1]:
+                break
+        out[e] = torch.cat(got)
+    return out
+
+
+def test_parallel_source_in_a_process_where_torch_has_run(records):
+    # The CPU analogue of the GPU machine's failure (DALI cannot fork its workers once CUDA is initialised):
+    # torch's thread pools are running here, the workers are started with spawn (the default), once, and plans
+    # written after they started (epoch 1 left early, then a jump to epoch 3) still reach them.
+    torch.set_num_threads(2)
+    (torch.randn(64, 64) @ torch.randn(64, 64)).sum()  # intra-op threads started
+    kw = {"train": True, "seed": 2}
+    ref = _cpu(records, TRAIN_AUG, 6, parallel=False, **kw)
+    par = _cpu(records, TRAIN_AUG, 6, parallel=True, py_workers=1, **kw)
+    assert par.py_start_method == "spawn"
+    want = _images(ref, 2)
+    got = _images(par, 2, break_after=(1, 1))
+    par.set_epoch(3)
+    ref.set_epoch(3)
+    want.update(_images(ref, 1))
+    got.update(_images(par, 1))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[3], want[3])
+    assert torch.equal(got[1], want[1][:6])  # the one batch taken before the break
+    assert par.builds == 1
 
 
 def test_undecodable_image_is_named(records, tmp_path):
@@ -207,3 +235,111 @@ def test_gpu_pipeline(records):
                     output_dtype=torch.bfloat16)
     img = _cat(_epoch(tr), "image")
     assert img.dtype == torch.bfloat16 and img.is_cuda and img.shape[1:] == (3, SIZE, SIZE)
+
+
+# --- built once; order from the sampler; exact, pure-function augmentation; resume ------------------------------
+
+
+def _balanced(records, seed=3):
+    return BalancedSampler(records.labels, records.source, class_fractions="equal", seed=seed)
+
+
+def test_pipeline_built_once_over_three_epochs_each_in_the_samplers_order(records, monkeypatch):
+    built = []
+    real_build = DaliLoader._build
+    monkeypatch.setattr(DaliLoader, "_build", lambda self: built.append(1) or real_build(self))
+    sampler = _balanced(records)
+    loader = _cpu(records, TRAIN_AUG, 6, train=True, sampler=sampler, seed=5)
+    images = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = _epoch(loader)
+        idx = sampler.rank_indices(epoch)[: len(batches) * 6]
+        assert len(batches) == len(loader) == len(sampler.rank_indices(epoch)) // 6
+        assert _cat(batches, "label").tolist() == records.labels[idx].tolist()
+        assert _cat(batches, "source").tolist() == records.source[idx].tolist()
+        images.append(_cat(batches, "image"))
+    assert len(built) == 1 and loader.builds == 1
+    assert not torch.equal(images[0], images[1])  # new epoch: new order and new augmentations
+
+
+def test_two_fresh_loaders_with_the_same_seed_give_identical_batches(records):
+    a = _images(_cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5), 2)
+    b = _images(_cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5), 2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resume_mid_epoch_gives_the_remaining_batches_exactly(records, stop_after):
+    full = _cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5)
+    full.set_epoch(1)
+    want = _epoch(full)
+    first = _cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5)
+    first.set_epoch(1)
+    for k, _ in enumerate(first):
+        if k + 1 == stop_after:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # a checkpoint is JSON
+    assert state["epoch"] == 1 and state["position"] == 6 * stop_after
+    resumed = _cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # a training loop's set_epoch of the pending epoch keeps the resume position
+    rest = _epoch(resumed)
+    assert len(rest) == len(want) - stop_after
+    for a, b in zip(rest, want[stop_after:]):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert resumed.state_dict()["position"] == 6 * len(want)
+    assert resumed.epoch == 2
+    # and the resumed loader's next epoch is the uninterrupted loader's next epoch
+    assert torch.equal(_cat(_epoch(resumed), "image"), _cat(_epoch(full), "image"))
+
+
+def test_resume_skips_reading_the_batches_already_seen(records):
+    reads = []
+
+    class CountingStore:
+        def read(self, key):
+            reads.append(key)
+            with open(key, "rb") as f:
+                return f.read()
+
+    rec = ImageRecords(list(records.paths), records.labels, records.classes, records.source, store=CountingStore())
+    loader = _cpu(rec, TRAIN_AUG, 6, train=True, seed=5)
+    loader.load_state_dict({"epoch": 0, "position": 12, "seed": 5, "sampler": None})
+    batches = _epoch(loader)
+    assert len(batches) == 1  # 20 images, batches of 6: batch 2 is the only one left
+    order = np.random.default_rng([5, 0]).permutation(N)
+    assert sorted(reads) == sorted(records.paths[i] for i in order[12:18])
+
+
+def test_epoch_boundary_and_jumps_do_not_rebuild(records):
+    loader = _cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5)
+    ref = _cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5)
+    want = {e: _cat(_epoch(ref), "image") for e in range(3)}
+    got = _images(loader, 1)                     # epoch 0; DALI starts epoch 1 at the boundary
+    loader.set_epoch(2)                          # ... which is then not wanted: drained, not rebuilt
+    got.update(_images(loader, 1))
+    loader.set_epoch(0)
+    got.update(_images(loader, 1, break_after=(0, 1)))  # left early
+    loader.set_epoch(1)
+    got.update(_images(loader, 1))
+    assert loader.builds == 1
+    assert torch.equal(got[2], want[2]) and torch.equal(got[1], want[1]) and torch.equal(got[0], want[0][:6])
+
+
+def test_resumed_at_the_end_of_an_epoch_yields_nothing_then_the_next(records):
+    ref = _cpu(records, EVAL_AUG, 8, train=False)
+    loader = _cpu(records, EVAL_AUG, 8, train=False)
+    loader.load_state_dict({"epoch": 4, "position": N, "seed": 0, "sampler": None})
+    assert _epoch(loader) == [] and loader.epoch == 5
+    assert torch.equal(_cat(_epoch(loader), "image"), _cat(_epoch(ref), "image"))
+
+
+def test_eval_follows_a_sampler_when_given(records):
+    sampler = BalancedSampler(records.labels, records.source, seed=1, rank=1, world_size=3)
+    loader = _cpu(records, EVAL_AUG, 4, train=False, sampler=sampler)
+    batches = _epoch(loader)
+    idx = sampler.rank_indices(0)
+    assert len(idx) == 6  # 16 real images (synthetic ones need synth_ratio) over 3 ranks, wrapped
+    assert _cat(batches, "label").tolist() == records.labels[idx].tolist()
+    assert [len(b["label"]) for b in batches] == [4, 2]  # eval keeps the last partial batch

@@ -2,82 +2,96 @@
 
 Batches are dicts, as from the torch loader: ``image`` [B, 3, S, S] normalised (float32, float16 or bfloat16),
 ``label`` [B] int64, ``source`` [B] uint8 (0 real, 1 synthetic), all on ``cuda:device_id`` for the GPU pipeline
-and on the CPU for the CPU pipeline. The recipe is `Augment`'s.
+and on the CPU for the CPU pipeline. The recipe is `Augment`'s; epochs, resume and state are `EpochPlan`'s.
 
 Install: ``uv pip install nvidia-dali-cuda130`` (one wheel for CPU and GPU; the CPU pipeline runs without a GPU
 or a CUDA driver). Without DALI this module still imports; `DaliLoader(...)` raises ImportError saying so.
 
 Design
-  * Input: ``fn.external_source`` with a batch callback (`_BatchSource`), because DALI's file readers cannot
-    take a user sampler. Each epoch's index order comes from the sampler (``set_epoch(e)``, then iterated, so a
-    sampler restored with ``load_state_dict`` resumes mid-epoch) or, without one, is ``range(N)`` in order for
-    eval and a permutation seeded by (seed, epoch) for train. The callback reads encoded bytes with
-    ``records.read_bytes(i)`` and returns (encoded uint8, label int64, source uint8) for batch ``k``; past the
-    last batch it raises StopIteration, which ends the epoch. Eval keeps the last partial batch (external_source
-    allows smaller batches; ``batch_size`` is the maximum); train drops it by default when the epoch holds at
-    least one full batch.
-  * Epochs: iterating the loader runs the next epoch (an internal counter, `set_epoch(e)` to move it; a sampler
-    moved by the caller with ``sampler.set_epoch`` / ``load_state_dict`` is followed). A train epoch builds a
-    fresh pipeline seeded with hash(seed, rank, epoch), so epoch e's order *and* augmentations are a pure
-    function of (seed, rank, epoch): a run resumed at an epoch boundary sees exactly what an uninterrupted run
-    saw, and ranks draw different augmentations. A build costs ~0.1 s on the CPU (more for the GPU decoder's
-    buffers), negligible per epoch. An eval pipeline has no randomness and is reused (``reset()``) while its
-    order does not change. An epoch left early (``break``) or failed is thrown away, and the next one rebuilds.
-  * Train: ``fn.decoders.image_random_crop`` (decode + random crop with area ``aug.scale`` and aspect
-    ``aug.ratio``, the same window distribution as ``fn.random_resized_crop``), then ``fn.resize`` to S x S. The
-    fused op decodes only the crop's region of interest (libjpeg-turbo skips the scanlines outside it on the CPU;
-    nvJPEG ROI decode on the GPU, NVIDIA's own ResNet-50 DALI recipe): on 1024x768 JPEGs, 224 px, 2 CPU threads
-    it was 1.1-1.2x faster than ``decoders.image`` + ``random_resized_crop`` (median 190 vs 174 img/s bicubic,
-    223 vs 182 bilinear).
-    Then colour jitter (below), and ``fn.crop_mirror_normalize`` with ``mirror = fn.random.coin_flip(aug.flip)``,
-    mean/std in 0..255 units, layout CHW.
-  * Colour jitter, torchvision ColorJitter semantics: brightness b and contrast c factors uniform in
-    [max(0, 1-x), 1+x]; ``fn.brightness_contrast`` with ``contrast_center`` = the image's mean grey level
-    (0.299 R + 0.587 G + 0.114 B), which is exactly torchvision's ``adjust_contrast`` (blend with the grey
-    mean); brightness and contrast commute, so their order does not matter. Saturation factor uniform in
-    [max(0, 1-s), 1+s] and hue shift uniform in [-h, h] turns (= +-360 h degrees) through ``fn.hsv``, which
-    DALI approximates by a linear transform in RGB (torchvision converts to HSV exactly, and draws the order of
-    the four ops at random; here the order is fixed: brightness/contrast, then saturation/hue).
-  * Eval: ``fn.decoders.image``, ``fn.resize(resize_shorter=round(S / aug.crop_fraction))``, centre crop S in
-    ``crop_mirror_normalize``.
-  * Interpolation: ``interp="bicubic"`` (default; the torch loader's choice, antialiased when shrinking) or
-    ``"bilinear"`` (antialiased, cheaper on the CPU).
-  * Output dtype: crop_mirror_normalize writes float32 or float16 directly. DALI has no bfloat16 type, so
-    ``output_dtype=torch.bfloat16`` has DALI write float32, cast by torch after the transfer (on the GPU for the
-    GPU pipeline).
-  * Transfer to torch: with DALI's default (dynamic) executor, outputs are reference-counted buffers that DALI
-    does not reuse while a consumer holds them, so ``torch.from_dlpack`` is zero-copy and safe (the same path as
-    DALI's own ``DALIGenericIterator``); a tensor from batch k is never overwritten by batch k+1. With the legacy
-    executor the data is copied (``feed_ndarray``).
-  * ``parallel=True``: the callback runs in ``py_workers`` Python processes (DALI's parallel external source,
-    ``batch=True`` with ``batch_info``; `_BatchSource` is a plain picklable class holding the epoch's records
-    subset, so it works with both "fork" and "spawn"; "spawn" is used when CUDA is initialised, as fork is
-    then impossible, and needs ``records.store`` to be picklable). It pays off when reading the bytes is slow
-    Python work (a remote filesystem, a compressed store); for local files the callback is ~0.1 ms an image
-    against ~5-10 ms of decoding, and the worker processes only take CPU from DALI's decoder threads. Measured on
-    a 2-core machine (local 1024x768 JPEGs) it did not help: 1024-image epochs ran at the same rate (~155-170
-    img/s either way), and as a train epoch builds a fresh pipeline, the workers restart every epoch (~0.1-0.3 s
-    with fork, seconds with spawn, which imports torch in each worker), so 256-image epochs were ~40% slower.
-    The default is off.
+  * Built once. A loader builds ONE DALI pipeline, on its first iteration, and runs every epoch through it
+    (``builds`` counts builds: 1 unless an epoch failed, which throws the pipeline away). A rebuild per epoch
+    cost 2-3 s per epoch boundary on an H100 (decoder buffers, worker processes).
+  * Input: ``fn.external_source`` with a batch callback (`_BatchSource`), since DALI's file readers cannot take
+    a user sampler. DALI numbers its own epochs (``BatchInfo.epoch_idx``, +1 per ``reset()``); the loader writes,
+    before DALI epoch j starts, a plan slot j = (our epoch, start position, batches) into a tiny int64 table
+    (`_Plan`), and the callback maps (epoch_idx, iteration) -> rows of ``EpochOrder(epoch)`` (the sampler's
+    ``rank_indices``, a pure function of the epoch, also computable in a worker process). At the end of an
+    epoch the plan for the next epoch (e + 1 from position 0) is written and the pipeline reset at once, so
+    DALI starts decoding the next epoch while the training loop finishes its own: the boundary costs about one
+    batch, not a rebuild. A loader asked for something else (``set_epoch`` to another epoch,
+    ``load_state_dict``, an epoch left with ``break``) ends the DALI epoch early by lowering its plan's batch
+    count, drains the few batches already in flight, and moves on: still no rebuild.
+  * Augmentation parameters come from the host: `augment.sample_train_params` draws each sample's crop window,
+    flip and jitter factors from a hash of (seed, rank, epoch, position in the epoch), using the image size read
+    from the encoded header (`augment.image_size`, microseconds a JPEG). They reach DALI as per-sample tensors
+    of the same external source: the window as ``fn.decoders.image_slice``'s anchor / shape inputs (absolute
+    int32, "WH"; the decoder decodes only that region: libjpeg-turbo skips the scanlines outside it on the CPU,
+    nvJPEG ROI decode on the GPU), the flip as ``crop_mirror_normalize``'s ``mirror``, the factors as
+    arguments. DALI's own RNG is not used, so two loaders with the same seed give identical batches, and a
+    resumed loader continues with exactly the batches the original would have given. The torch loader applies
+    the same parameters. ``adjust_orientation=False``: the stored pixel grid, as PIL (and the torch loader)
+    sees it, so windows mean the same in both.
+  * Train graph: image_slice -> ``fn.resize`` to S x S (antialiased) -> colour jitter -> crop_mirror_normalize
+    (mean / std in 0..255 units, CHW, output dtype written directly: float32 or float16).
+    Eval graph: ``fn.decoders.image`` -> ``fn.resize(resize_shorter=round(S / aug.crop_fraction))`` -> centre crop
+    S in crop_mirror_normalize.
+  * Colour jitter, torchvision ColorJitter semantics in a fixed order (brightness, contrast, saturation, hue):
+    brightness b and contrast c as one fused DALI arithmetic expression ``b * (g + c * (img - g))`` cast back
+    to uint8 (rounded, saturated), where g is the image's mean grey level (0.299 R + 0.587 G + 0.114 B, from
+    ``fn.reductions.mean``): torchvision's blend with the grey mean, and on the CPU bit-identical to
+    ``fn.brightness_contrast`` with ``contrast_center = g``. Written as arithmetic because
+    ``brightness_contrast`` takes ``contrast_center`` only as a CPU argument, which on the GPU meant a device ->
+    host copy (``.cpu()``) of g every batch; here g stays on the GPU. Saturation and hue (in degrees = 360 x
+    turns) through ``fn.hsv``, which DALI approximates by a linear transform in RGB (torchvision converts to HSV
+    exactly).
+  * GPU decoder ("mixed"): ``hw_decoder_load=0.99`` (the share of JPEGs sent to the hardware JPEG engine of
+    A100 / H100 / H200; nvJPEG ignores it on GPUs without one; DALI's default 0.65 leaves a third for the CPU
+    threads), ``preallocate_width_hint`` / ``height_hint`` from the largest of the first images' headers (the
+    HW decoder's buffers sized once), ``device_memory_padding`` / ``host_memory_padding`` at least the decoded
+    size of that image (no reallocation as sizes vary), ``hybrid_huffman_threshold=500_000`` pixels (1024x768
+    photos, under DALI's 1 MP default, are then Huffman-decoded with GPU assistance rather than on the CPU
+    threads alone; small thumbnails keep the host Huffman decoder). All in ``decoder_options``, to override.
+    ``num_threads`` defaults to this rank's cores, ``prefetch`` to 3 batches.
+  * Output dtype: crop_mirror_normalize writes float32 or float16 directly. DALI 2.4 has no bfloat16 type, so
+    ``output_dtype=torch.bfloat16`` has DALI write float16 (half the bytes of float32; normalised pixels lie in
+    about [-2.2, 2.7], where fp16 holds more than bf16's 8 mantissa bits) and torch cast it on the GPU (within
+    one bf16 rounding of a direct conversion).
+  * File reading, ``parallel`` (default: on for the GPU pipeline): the callback (read bytes, parse the header,
+    draw the parameters: ~0.1 ms an image, ~10 ms a batch of 128) then runs in ``py_workers`` processes (DALI's
+    parallel external_source) instead of inside ``pipe.run()`` on the training thread, where it stalls kernel
+    launches. The workers are started with ``spawn`` (default ``py_start_method``): fork is impossible once
+    CUDA is initialised in the process, and a forked child of a multi-threaded torch process can deadlock;
+    spawn costs a few seconds once per loader (the workers import torch), which the build-once design pays
+    once. For the CPU pipeline the default is off: decoding is the bound there, and the worker processes would
+    take cores from DALI's decoder threads. None of this could be measured on a GPU while it was written
+    (the machine had none): the settings follow DALI's documentation and the measurements in issue 6, and
+    benchmarks/bench_loader.py measures them where a GPU is at hand.
+  * Transfer to torch: with DALI's dynamic executor, outputs are reference-counted buffers that DALI does not
+    reuse while a consumer holds them, so ``torch.from_dlpack`` is zero-copy and safe; a tensor from batch k is
+    never overwritten by batch k+1. With the legacy executor the data is copied (``feed_ndarray``).
   * Decode failures: DALI's error ("Critical error in pipeline ... nvImageCodec failure") does not name the
     file. The loader re-raises a RuntimeError naming the epoch, the batch, the file(s) PIL cannot decode either,
-    and the batch's files; the pipeline is rebuilt on the next epoch.
+    and the batch's files; that pipeline is thrown away and the next iteration builds a new one.
 """
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from dermfast._optional import DALI_REASON, HAS_DALI
-from dermfast.data.augment import Augment
+from dermfast.data.augment import Augment, image_size, sample_train_params
+from dermfast.data.loader import EpochOrder, EpochPlan, cores_per_rank
 from dermfast.data.records import ImageRecords
 
 DALI_INSTALL_HINT = "uv pip install nvidia-dali-cuda130"
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}  # bf16: cast in torch
+_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT16"}  # bf16: fp16, cast
 _INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR"}
 
 
@@ -95,36 +109,114 @@ def _import_dali():
     return dali, fn, types
 
 
-def _seed_for(seed: int, rank: int, epoch: int | None) -> int:
-    """A 31-bit pipeline seed from (seed, rank, epoch): ranks and epochs draw independent augmentations."""
-    key = [int(seed), int(rank)] + ([] if epoch is None else [int(epoch)])
-    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint32)[0] & 0x7FFFFFFF)
+class _Plan:
+    """Ring of plan slots, int64 [slots, 4]: (DALI epoch index, our epoch, start position, batches).
+
+    The loader writes slot j before DALI epoch j starts and may lower its batch count to end that epoch early;
+    the callback reads it. In-process it is a numpy array; ``shared=True`` backs it with a file (in /dev/shm
+    where there is one) that worker processes map, so plans written after the workers started reach them.
+    """
+
+    SLOTS = 8
+
+    def __init__(self, shared: bool):
+        self.path = None
+        if shared:
+            fd, self.path = tempfile.mkstemp(prefix="dermfast-dali-plan-", suffix=".i64",
+                                             dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            os.close(fd)
+            self.table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.SLOTS, 4))
+        else:
+            self.table = np.zeros((self.SLOTS, 4), np.int64)
+        self.table[:, 0] = -1
+
+    def __getstate__(self):
+        if self.path is None:
+            raise RuntimeError("an in-process _Plan cannot be sent to another process (use shared=True)")
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path, self.table = state["path"], None  # mapped on first read, in the worker
+
+    def write(self, j: int, epoch: int, start: int, batches: int) -> None:
+        row = self.table[j % self.SLOTS]
+        row[0] = -1  # invalid while being rewritten
+        row[1:] = (epoch, start, batches)
+        row[0] = j
+
+    def end_early(self, j: int, batches: int) -> None:
+        row = self.table[j % self.SLOTS]
+        if row[0] == j:
+            row[3] = min(int(row[3]), int(batches))
+
+    def read(self, j: int) -> tuple[int, int, int]:
+        if self.table is None:
+            self.table = np.memmap(self.path, dtype=np.int64, mode="r", shape=(self.SLOTS, 4))
+        tag, epoch, start, batches = (int(v) for v in self.table[j % self.SLOTS])
+        if tag != j:
+            raise RuntimeError(f"DaliLoader: no plan for DALI epoch {j} (slot holds {tag})")
+        return epoch, start, batches
+
+    def close(self) -> None:
+        if self.path is not None:
+            _unlink(self.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _BatchSource:
-    """external_source callback for one epoch: batch ``info.iteration`` of ``order``.
+    """external_source callback: batch ``info.iteration`` of the epoch planned for DALI epoch ``info.epoch_idx``.
 
-    A plain class (no closures, no loader reference) so that DALI's parallel mode can pickle it to worker
-    processes. Holds ``records.subset(order)``: the epoch's paths / labels / sources in order (and the store).
+    Plain picklable state (records, the epoch order, the plan, the recipe), no loader reference, so DALI's
+    parallel mode can run it in worker processes. Returns encoded bytes, label, source and, for training, the
+    per-sample augmentation parameters (window anchor and shape, flip, jitter factors).
     """
 
-    def __init__(self, records: ImageRecords, order: np.ndarray, batch_size: int, drop_last: bool):
-        self.records = records.subset(order)
-        self.batch_size = int(batch_size)
-        n = len(order)
-        self.num_batches = n // self.batch_size if drop_last else -(-n // self.batch_size)
+    def __init__(self, records: ImageRecords, order: EpochOrder, plan: _Plan, batch_size: int, train: bool,
+                 aug: Augment, seed: int, rank: int):
+        self.records, self.order, self.plan = records, order, plan
+        self.batch_size, self.train, self.aug, self.seed, self.rank = int(batch_size), train, aug, seed, rank
 
-    def batch_range(self, k: int) -> range:
-        return range(k * self.batch_size, min((k + 1) * self.batch_size, len(self.records)))
+    def rows(self, epoch: int, start: int, k: int) -> np.ndarray:
+        lo = start + k * self.batch_size
+        return np.arange(lo, min(lo + self.batch_size, len(self.order(epoch))))
 
     def __call__(self, info):
-        k = int(getattr(info, "iteration", info))
-        if k >= self.num_batches:  # also for prefetch calls past the end: DALI may ask a few batches ahead
+        epoch, start, batches = self.plan.read(int(info.epoch_idx))
+        k = int(info.iteration)
+        if k >= batches:  # the epoch's end, also for prefetch calls past it: DALI may ask a few batches ahead
             raise StopIteration
-        rows = self.batch_range(k)
+        positions = self.rows(epoch, start, k)
+        idx = self.order(epoch)[positions]
         rec = self.records
-        encoded = [np.frombuffer(rec.read_bytes(i), dtype=np.uint8) for i in rows]
-        return encoded, rec.labels[rows.start:rows.stop].copy(), rec.source[rows.start:rows.stop].copy()
+        data = [rec.read_bytes(int(i)) for i in idx]
+        out = [[np.frombuffer(d, dtype=np.uint8) for d in data], rec.labels[idx], rec.source[idx]]
+        if self.train:
+            sizes = np.array([_size_of(d, rec.paths[i]) for d, i in zip(data, idx)], np.int64).reshape(-1, 2)
+            p = sample_train_params(self.aug, self.seed, self.rank, epoch, positions, sizes[:, 0], sizes[:, 1])
+            p["hue"] = p["hue"] * np.float32(360.0)  # turns -> degrees, fn.hsv's unit
+            out += [np.stack([p["x"], p["y"]], 1), np.stack([p["w"], p["h"]], 1)]
+            out += [p[name] for name in _used_params(self.aug)]
+        return out
+
+
+def _used_params(aug: Augment) -> list[str]:
+    """The per-sample parameters the training graph consumes besides the window (no unused source outputs)."""
+    used = [("flip", aug.flip > 0), ("brightness", aug.brightness), ("contrast", aug.contrast),
+            ("saturation", aug.saturation), ("hue", aug.hue)]
+    return [name for name, on in used if on]
+
+
+def _size_of(data: bytes, path: str) -> tuple[int, int]:
+    try:
+        return image_size(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 class DaliLoader:
@@ -135,23 +227,26 @@ class DaliLoader:
     batch_size   the (maximum) batch size.
     train        random augmentation and drop_last by default; eval: every image once, in order (or in the
                  sampler's order when a sampler is given, e.g. a sharded eval).
-    sampler      a BalancedSampler-like object (set_epoch, __iter__, rank_indices, epoch, rank); None: see above.
+    sampler      a BalancedSampler-like object (set_epoch, rank_indices (a pure function of the epoch), epoch,
+                 rank, state_dict / load_state_dict); None: see `EpochOrder`.
     device       "gpu" (decode on the GPU with nvJPEG, tensors on cuda:device_id) or "cpu".
     device_id    CUDA device for "gpu" (default: torch's current device); ignored for "cpu".
-    seed         augmentation seed (hashed with the sampler's rank and the epoch).
-    num_threads  DALI CPU worker threads.
-    output_dtype torch.float32, torch.float16 or torch.bfloat16 (bf16 is cast by torch; DALI has no bf16).
+    seed         augmentation seed (hashed with the sampler's rank, the epoch and the position).
+    num_threads  DALI CPU worker threads (default: this rank's cores).
+    output_dtype torch.float32, torch.float16 or torch.bfloat16 (bf16: DALI writes fp16, torch casts).
     drop_last    drop the epoch's last partial batch; None: train and the epoch holds >= batch_size samples.
-    parallel     run the read callback in ``py_workers`` processes (DALI parallel external_source).
+    parallel     run the read callback in ``py_workers`` processes (default: on for "gpu"), started with
+                 ``py_start_method`` (default "spawn").
     prefetch     DALI prefetch queue depth (batches in flight), also the parallel source's queue depth.
     interp       "bicubic" or "bilinear".
+    decoder_options  extra / overriding keyword arguments of the mixed (GPU) decoder, e.g. hw_decoder_load.
     """
 
     def __init__(self, records: ImageRecords, aug: Augment, batch_size: int, *, train: bool, sampler=None,
-                 device: str = "gpu", device_id: int | None = None, seed: int = 0, num_threads: int = 4,
-                 output_dtype: torch.dtype = torch.float32, drop_last: bool | None = None, parallel: bool = False,
-                 prefetch: int = 2, py_workers: int = 2, py_start_method: str | None = None,
-                 interp: str = "bicubic"):
+                 device: str = "gpu", device_id: int | None = None, seed: int = 0, num_threads: int | None = None,
+                 output_dtype: torch.dtype = torch.float32, drop_last: bool | None = None,
+                 parallel: bool | None = None, prefetch: int = 3, py_workers: int | None = None,
+                 py_start_method: str = "spawn", interp: str = "bicubic", decoder_options: dict | None = None):
         if device not in ("gpu", "cpu"):
             raise ValueError(f"DaliLoader: device must be 'gpu' or 'cpu', got {device!r}")
         if device == "gpu" and not torch.cuda.is_available():
@@ -164,8 +259,17 @@ class DaliLoader:
             raise ValueError(f"DaliLoader: interp must be one of {', '.join(_INTERP)}, got {interp!r}")
         if int(batch_size) < 1:
             raise ValueError(f"DaliLoader: batch_size must be >= 1, got {batch_size}")
+        cores = cores_per_rank()
+        num_threads = cores if num_threads is None else int(num_threads)
+        parallel = device == "gpu" if parallel is None else bool(parallel)
+        py_workers = (2 if cores >= 8 else 1) if py_workers is None else int(py_workers)
         if num_threads < 1 or prefetch < 1 or (parallel and py_workers < 1):
             raise ValueError("DaliLoader: num_threads, prefetch and py_workers must be >= 1")
+        if py_start_method not in ("spawn", "fork"):
+            raise ValueError(f"DaliLoader: py_start_method must be 'spawn' or 'fork', got {py_start_method!r}")
+        if parallel and py_start_method == "fork" and torch.cuda.is_initialized():
+            raise ValueError("DaliLoader: py_start_method='fork' is impossible once CUDA is initialised in this "
+                             "process; use 'spawn' (the default)")
         if len(records) == 0:
             raise ValueError("DaliLoader: no images (empty ImageRecords)")
         if not 0 < aug.crop_fraction <= 1:
@@ -178,108 +282,106 @@ class DaliLoader:
                 raise ValueError(f"DaliLoader: device_id {device_id} is not one of the {n} visible CUDA devices")
         else:
             device_id = None
-        if py_start_method is None:  # fork is impossible once CUDA is initialised in this process
-            py_start_method = "spawn" if device == "gpu" or torch.cuda.is_initialized() else "fork"
         self.records, self.aug, self.batch_size, self.train = records, aug, int(batch_size), bool(train)
         self.sampler, self.device, self.device_id, self.seed = sampler, device, device_id, int(seed)
-        self.num_threads, self.output_dtype, self.drop_last = int(num_threads), output_dtype, drop_last
-        self.parallel, self.prefetch, self.py_workers = bool(parallel), int(prefetch), int(py_workers)
+        self.num_threads, self.output_dtype = num_threads, output_dtype
+        self.parallel, self.prefetch, self.py_workers = parallel, int(prefetch), py_workers
         self.py_start_method, self.interp = py_start_method, interp
-        self.rank = int(getattr(sampler, "rank", 0) or 0)
-        self._epoch = int(getattr(sampler, "epoch", 0)) if sampler is not None else 0
-        self._sampler_epoch_seen = self._epoch
+        self.decoder_options = dict(decoder_options or {})
+        self.backend = f"dali-{device}"
+        self.plan = EpochPlan(len(records), self.batch_size, train=self.train, sampler=sampler, seed=self.seed,
+                              drop_last=drop_last)
+        self.rank = self.plan.rank
+        self.builds = 0          # pipelines built by this loader: 1 over any number of epochs unless one failed
         self._pipe = None
-        self._pipe_order: np.ndarray | None = None  # eval: the order the live pipeline was built for
-        self._pipe_clean = False                     # the live pipeline finished its last epoch (reusable)
-        self._active = None                          # token of the running epoch's iterator
-        self._consumed = 0                           # samples yielded this epoch, counting a resume offset
-        self._current_epoch = self._epoch            # the epoch being (or last) iterated
-        self._len_cache: tuple[int, int] | None = None
+        self._table: _Plan | None = None
+        self._j = 0              # the DALI epoch the pipeline serves next (its plan slot is written)
+        self._j_plan = None      # (epoch, start, batches) planned for DALI epoch _j
+        self._j_taken = 0        # batches of DALI epoch _j already taken out of the pipeline
+        self._active = None      # token of the running epoch's iterator
 
-    # --- epochs and order -------------------------------------------------------------------------------
+    # --- epochs and state (EpochPlan) ---------------------------------------------------------------------
     @property
     def epoch(self) -> int:
         """The epoch the next iteration runs."""
-        if self.sampler is not None and self.sampler.epoch != self._sampler_epoch_seen:
-            return int(self.sampler.epoch)
-        return self._epoch
+        return self.plan.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration run `epoch` (and move the sampler there)."""
-        self._epoch = int(epoch)
-        if self.sampler is not None:
-            self.sampler.set_epoch(self._epoch)
-            self._sampler_epoch_seen = self._epoch
-
-    def _full_order(self, epoch: int) -> np.ndarray:
-        if self.sampler is not None:
-            return np.asarray(self.sampler.rank_indices(epoch), dtype=np.int64)
-        if self.train:
-            return np.random.default_rng([self.seed, epoch]).permutation(len(self.records)).astype(np.int64)
-        return np.arange(len(self.records), dtype=np.int64)
-
-    def _take_order(self, epoch: int) -> tuple[np.ndarray, int]:
-        """This epoch's order, and how many samples a resumed sampler skips at its start."""
-        if self.sampler is None:
-            return self._full_order(epoch), 0
-        self.sampler.set_epoch(epoch)
-        self._sampler_epoch_seen = epoch
-        order = np.fromiter(iter(self.sampler), dtype=np.int64)  # honours a load_state_dict position
-        return order, len(self.sampler.rank_indices(epoch)) - len(order)
-
-    def _drop_last(self, n: int) -> bool:
-        return (self.train and n >= self.batch_size) if self.drop_last is None else bool(self.drop_last)
-
-    def _num_batches(self, n: int) -> int:
-        return n // self.batch_size if self._drop_last(n) else -(-n // self.batch_size)
+        """Make the next iteration run `epoch` (and move the sampler there); a pending resume is kept."""
+        self.plan.set_epoch(epoch)
 
     def __len__(self) -> int:
-        """Batches in the next epoch (a full epoch: a resumed sampler's skipped samples are counted)."""
-        e = self.epoch
-        if self._len_cache is None or self._len_cache[0] != e:
-            self._len_cache = (e, self._num_batches(len(self._full_order(e))))
-        return self._len_cache[1]
+        """Batches in a full epoch (the next one; a resumed epoch yields fewer)."""
+        return self.plan.num_batches(self.plan.epoch)
 
     @property
     def consumed(self) -> int:
-        """Samples of the current epoch handed out so far (including a resumed sampler's skipped ones)."""
-        return self._consumed
+        """Samples of the current epoch handed out so far (a resumed epoch's skipped ones included)."""
+        return self.plan.state_dict()["position"]
 
     def state_dict(self) -> dict:
-        """The sampler's state with ``position`` = samples actually handed out (not DALI's prefetch)."""
-        if self.sampler is None:
-            return {"epoch": self._current_epoch, "consumed": self._consumed}
-        return self.sampler.state_dict(consumed=self._consumed)
+        """{"epoch", "position" (samples actually handed out, not DALI's prefetch), "seed", "sampler"}."""
+        return self.plan.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        """The next iteration continues `state`'s epoch from its position, with the same batches."""
+        self.plan.load_state_dict(state)
 
     # --- pipeline ---------------------------------------------------------------------------------------
-    def _build(self, source: _BatchSource, seed: int):
+    def _decoder_kwargs(self) -> dict:
+        if self.device != "gpu":
+            return {}
+        w = h = 0
+        for i in range(min(16, len(self.records))):  # the largest of the first images sizes the buffers
+            try:
+                iw, ih = image_size(self.records.read_bytes(i))
+            except (OSError, ValueError):
+                continue
+            w, h = max(w, iw), max(h, ih)
+        pad = max(w * h * 3 * 5 // 4, 0)
+        kw = {"hw_decoder_load": 0.99, "hybrid_huffman_threshold": 500_000,
+              "device_memory_padding": max(16 << 20, pad), "host_memory_padding": max(8 << 20, pad)}
+        if w and h:
+            kw.update(preallocate_width_hint=w, preallocate_height_hint=h)
+        kw.update(self.decoder_options)
+        return kw
+
+    def _build(self):
         dali, fn, types = self._dali
         aug, gpu, s = self.aug, self.device == "gpu", int(self.aug.size)
         interp = getattr(types, _INTERP[self.interp])
+        self._table = _Plan(shared=self.parallel)
+        weakref.finalize(self, self._table.close)
+        source = _BatchSource(self.records, self.plan.order, self._table, self.batch_size, self.train, aug,
+                              self.seed, self.rank)
         # The dynamic executor (DALI >= 2.0's default; asked for explicitly for older 1.x releases) is what makes
-        # zero-copy DLPack outputs safe and allows the GPU->CPU `.cpu()` used by the contrast jitter.
+        # zero-copy DLPack outputs safe.
         dynamic = {"exec_dynamic": True} if "exec_dynamic" in inspect.signature(dali.Pipeline).parameters else {}
         pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
-                             device_id=self.device_id if gpu else None, seed=seed,
+                             device_id=self.device_id if gpu else None, seed=0,
                              prefetch_queue_depth=self.prefetch, py_num_workers=self.py_workers,
                              py_start_method=self.py_start_method, **dynamic)
         with pipe:
             extra = {"parallel": True, "prefetch_queue_depth": self.prefetch} if self.parallel else {}
-            encoded, label, src = fn.external_source(
-                source=source, num_outputs=3, batch=True, batch_info=True,
-                dtype=[types.UINT8, types.INT64, types.UINT8], ndim=[1, 0, 0], **extra)
-            decoder = "mixed" if gpu else "cpu"
+            dtypes, ndims = [types.UINT8, types.INT64, types.UINT8], [1, 0, 0]
+            used = _used_params(aug) if self.train else []
             if self.train:
-                img = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                                    random_area=[float(v) for v in aug.scale],
-                                                    random_aspect_ratio=[float(v) for v in aug.ratio],
-                                                    num_attempts=10)
+                dtypes += [types.INT32, types.INT32] + [types.INT32 if u == "flip" else types.FLOAT for u in used]
+                ndims += [1, 1] + [0] * len(used)
+            outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
+                                      dtype=dtypes, ndim=ndims, **extra)
+            encoded, label, src = outs[:3]
+            decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB, "adjust_orientation": False,
+                       **self._decoder_kwargs()}
+            if self.train:
+                anchor, shape = outs[3:5]
+                p = dict(zip(used, outs[5:]))
+                img = fn.decoders.image_slice(encoded, anchor, shape, **decoder)
                 img = fn.resize(img, size=[s, s], interp_type=interp, antialias=True)
-                img = self._jitter(img, fn, gpu)
-                mirror = fn.random.coin_flip(probability=float(aug.flip)) if aug.flip > 0 else 0
-                crop = {}
+                img = self._jitter(img, fn, types, gpu, p)
+                mirror, crop = p.get("flip", 0), {}
             else:
-                img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+                img = fn.decoders.image(encoded, **decoder)
                 img = fn.resize(img, resize_shorter=round(s / aug.crop_fraction), interp_type=interp,
                                 antialias=True)
                 mirror, crop = 0, {"crop": [s, s], "crop_pos_x": 0.5, "crop_pos_y": 0.5}
@@ -290,82 +392,110 @@ class DaliLoader:
             if gpu:
                 label, src = label.gpu(), src.gpu()
             pipe.set_outputs(image, label, src)
-        pipe.build()
+        self._pipe, self._j, self._j_plan, self._j_taken = pipe, 0, None, 0
+        self.builds += 1
         return pipe
 
-    def _jitter(self, img, fn, gpu: bool):
-        a = self.aug
-        if a.brightness or a.contrast:
-            kw = {}
-            if a.brightness:
-                kw["brightness"] = fn.random.uniform(range=[max(0.0, 1 - a.brightness), 1 + a.brightness])
-            if a.contrast:
-                kw["contrast"] = fn.random.uniform(range=[max(0.0, 1 - a.contrast), 1 + a.contrast])
-                mean = fn.reductions.mean(img, axes=[0, 1])  # per-channel mean, [3]
+    def _jitter(self, img, fn, types, gpu: bool, p: dict):
+        """Colour jitter with the per-sample factors `p` (source outputs, CPU): see the module doc."""
+        if "brightness" in p or "contrast" in p:
+            x = img
+            if "contrast" in p:
+                mean = fn.reductions.mean(img, axes=[0, 1])  # per-channel mean, [3]; on the GPU for "gpu"
                 grey = mean[0] * _GREY[0] + mean[1] * _GREY[1] + mean[2] * _GREY[2]
-                kw["contrast_center"] = grey.cpu() if gpu else grey  # argument inputs live on the CPU
-            img = fn.brightness_contrast(img, **kw)
-        if a.saturation or a.hue:
-            kw = {}
-            if a.saturation:
-                kw["saturation"] = fn.random.uniform(range=[max(0.0, 1 - a.saturation), 1 + a.saturation])
-            if a.hue:
-                kw["hue"] = fn.random.uniform(range=[-360.0 * a.hue, 360.0 * a.hue])  # a.hue: fraction of a turn
-            img = fn.hsv(img, **kw)
-        return img
+                x = grey + (p["contrast"].gpu() if gpu else p["contrast"]) * (x - grey)
+            if "brightness" in p:
+                x = (p["brightness"].gpu() if gpu else p["brightness"]) * x
+            img = fn.cast(x, dtype=types.UINT8)  # rounds and saturates, as brightness_contrast's uint8 output
+        kw = {k: p[k] for k in ("saturation", "hue") if k in p}  # hue in degrees (converted by the source)
+        return fn.hsv(img, **kw) if kw else img
 
     def _release(self) -> None:
         # Dropping the last reference frees DALI's pipeline and stops its Python workers.
-        self._pipe, self._pipe_order, self._pipe_clean = None, None, False
+        self._pipe, self._j_plan, self._j_taken = None, None, 0
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+
+    def _start_dali_epoch(self, j: int, plan: tuple[int, int, int]) -> None:
+        """Write DALI epoch j's plan; the pipeline (reset to j, or new) then fetches its batches."""
+        self._table.write(j, *plan)
+        self._j, self._j_plan, self._j_taken = j, plan, 0
+
+    def _drain(self) -> None:
+        """End DALI epoch _j now: no batch beyond those already in flight, which are decoded and dropped."""
+        self._table.end_early(self._j, self._j_taken)
+        while True:
+            try:
+                self._pipe.run()
+            except StopIteration:
+                break
+        self._pipe.reset()
 
     # --- iteration --------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
-        epoch = self.epoch
-        order, skipped = self._take_order(epoch)
-        self._current_epoch, self._epoch = epoch, epoch + 1
-        drop_last = self._drop_last(len(order))
-        source = _BatchSource(self.records, order, self.batch_size, drop_last)
-        reuse = (not self.train and self._pipe is not None and self._pipe_clean
-                 and self._pipe_order is not None and np.array_equal(self._pipe_order, order))
-        if not reuse:
-            self._release()
-            seed = _seed_for(self.seed, self.rank, epoch if self.train else None)
-            self._pipe = self._build(source, seed)
-            self._pipe_order = None if self.train else order
-        self._consumed = skipped
-        self._pipe_clean = False
+        self._active = None  # a previous epoch's iterator, if still open, is superseded
+        epoch, start, batches = self.plan.begin()
+        want = (epoch, start, batches)
         token = object()
         self._active = token
-        return self._run(epoch, source, token, skipped)
-
-    def _run(self, epoch: int, source: _BatchSource, token, skipped: int) -> Iterator[dict]:
-        pipe, finished = self._pipe, False
+        if batches == 0:  # nothing left in this epoch (resumed at its end): DALI is not asked for anything
+            self.plan.finish()
+            return iter(())
         try:
-            for k in range(source.num_batches + 1):
+            if self._pipe is None:
+                self._build()
+                self._start_dali_epoch(0, want)
+                self._pipe.build()
+            elif self._j_plan != want or self._j_taken:
+                # The pipeline is prefetching another plan (the default next epoch), or an epoch was left early.
+                self._table.write(self._j + 1, *want)
+                self._drain()
+                self._start_dali_epoch(self._j + 1, want)
+        except Exception:
+            self._release()
+            raise
+        return self._run(token, want)
+
+    def _run(self, token, want: tuple[int, int, int]) -> Iterator[dict]:
+        epoch, start, batches = want
+        pipe, done = self._pipe, False
+        try:
+            for k in range(batches + 1):
                 if self._active is not token:
                     raise RuntimeError("DaliLoader: this epoch's iterator was superseded by a newer "
                                        "iter(loader); iterate one epoch at a time")
                 try:
                     outs = pipe.run()
                 except StopIteration:
-                    if k != source.num_batches:
+                    if k != batches:
                         raise RuntimeError(f"DaliLoader: DALI ended epoch {epoch} after {k} batches, "
-                                           f"expected {source.num_batches}") from None
-                    pipe.reset()
-                    finished = True
-                    if self._pipe is pipe:
-                        self._pipe_clean = True
-                    return
+                                           f"expected {batches}") from None
+                    break
                 except RuntimeError as e:
-                    raise self._decode_error(e, epoch, k, source) from e
+                    raise self._decode_error(e, epoch, start, k) from e
+                if k == batches:
+                    raise RuntimeError(f"DaliLoader: DALI gave more than the {batches} batches of epoch {epoch}")
+                self._j_taken += 1
                 batch = self._to_torch(pipe, outs)
-                self._consumed = skipped + source.batch_range(k).stop
+                lo, hi = self.plan.batch_rows(epoch, start, k)
+                self.plan.advance(hi - lo)
                 yield batch
-            raise RuntimeError(f"DaliLoader: DALI gave more than the {source.num_batches} batches of "
-                               f"epoch {epoch}")
-        finally:
-            if not finished and self._pipe is pipe:  # left early or failed: never reuse a half-run pipeline
+            # The epoch is done: plan the next one (e + 1 from its start) and let DALI start on it right away.
+            self.plan.finish()
+            done = True
+            nxt = self.plan.epoch
+            self._start_dali_epoch(self._j + 1, (nxt, 0, self.plan.num_batches(nxt)))
+            pipe.reset()
+        except Exception:
+            if self._pipe is pipe:  # a failed pipeline is never reused
                 self._release()
+            raise
+        finally:
+            if not done and self._active is token:  # left early (break), or failed
+                self.plan.finish()
+                if self._pipe is pipe and self._table is not None:
+                    self._table.end_early(self._j, self._j_taken)  # drained by the next iteration
 
     def _to_torch(self, pipe, outs) -> dict:
         image, label, src = (self._tensor(pipe, o) for o in outs)
@@ -387,14 +517,17 @@ class DaliLoader:
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev) if self.device == "gpu" else None)
         return out
 
-    def _decode_error(self, err: Exception, epoch: int, k: int, source: _BatchSource) -> RuntimeError:
-        """DALI's error names no file: find the batch's files that PIL cannot decode either, name them all."""
-        rows = source.batch_range(k)
-        rec = source.records
-        paths = [rec.paths[i] for i in rows]
+    def _decode_error(self, err: Exception, epoch: int, start: int, k: int) -> RuntimeError:
+        """DALI's error names no file: find the batch's files that PIL cannot decode either, name them all.
+        The pipeline is thrown away (the next iteration builds a new one)."""
+        self._release()
+        lo, hi = self.plan.batch_rows(epoch, start, k)
+        idx = self.plan.order(epoch)[lo:hi]
+        rec = self.records
+        paths = [rec.paths[i] for i in idx]
         bad = []
-        for i in rows:
-            reason = _pil_decode_error(rec, i)
+        for i in idx:
+            reason = _pil_decode_error(rec, int(i))
             if reason is not None:
                 bad.append(f"{rec.paths[i]} ({reason})")
         shown = ", ".join(paths[:32]) + (f", ... ({len(paths) - 32} more)" if len(paths) > 32 else "")

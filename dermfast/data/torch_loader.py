@@ -1,32 +1,31 @@
-"""torch / PIL loader: decode with PIL in DataLoader workers, augment with torchvision transforms.
+"""torch / PIL loader: decode with PIL in DataLoader workers, augment with torchvision's functional ops.
 
 The fallback for machines without DALI; it implements the same `Augment` recipe as the DALI pipeline and
 yields the same batches: dicts of `image` [B, 3, S, S] (float32, or `output_dtype`), `label` [B] int64 and
-`source` [B] uint8 (0 real, 1 synthetic). Indices come from the shared `BalancedSampler` (train) or in order
-(eval: every image exactly once, last partial batch kept). Augmentations are seeded: workers draw from
-torch generators derived from `seed` and the epoch, so the same seed replays the same crops.
+`source` [B] uint8 (0 real, 1 synthetic).
+
+- Order: `EpochPlan` (shared with the DALI loader): the sampler's `rank_indices(epoch)` for training and, when
+  a sampler is given, for evaluation too; without one, evaluation reads every image once in order (last partial
+  batch kept) and training a permutation seeded by (seed, epoch).
+- Augmentation: the per-sample crop window, flip and jitter factors come from `augment.sample_train_params`,
+  keyed by (seed, rank, epoch, position in the epoch) like the DALI loader's; nothing depends on worker RNG
+  state, so a resumed loader (`load_state_dict`) yields exactly the batches the original would have, and the
+  two backends crop the same windows. Jitter runs in a fixed order (brightness, contrast, saturation, hue).
+- Workers: one DataLoader with ``persistent_workers`` (when ``workers > 0``), kept for the loader's life; each
+  epoch's (index, epoch, position) batches come from a batch sampler in the main process, so the workers never
+  restart between epochs.
 """
 from __future__ import annotations
 
 import io
-import os
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dermfast.data.augment import Augment
+from dermfast.data.augment import Augment, sample_train_params
+from dermfast.data.loader import EpochPlan, cores_per_rank
 from dermfast.data.records import ImageRecords
-
-
-def train_transform(aug: Augment):
-    from torchvision import transforms as T
-    ops = [T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio,
-                               interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-           T.RandomHorizontalFlip(aug.flip)]
-    if aug.jitter:
-        ops.append(T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(aug.mean, aug.std)])
 
 
 def eval_transform(aug: Augment):
@@ -40,64 +39,137 @@ def eval_transform(aug: Augment):
     ])
 
 
-class RecordsDataset(Dataset):
-    """records[i] -> {"image": [3, S, S] float32, "label": int, "source": int}, decoded from read_bytes(i)."""
+class TrainTransform:
+    """(PIL image, params of one sample from `sample_train_params`) -> [3, S, S] float32, normalised."""
 
-    def __init__(self, records: ImageRecords, transform):
-        self.records, self.transform = records, transform
+    def __init__(self, aug: Augment):
+        self.aug = aug
+
+    def __call__(self, im: Image.Image, p: dict) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+        a = self.aug
+        im = F.resized_crop(im, int(p["y"]), int(p["x"]), int(p["h"]), int(p["w"]), [a.size, a.size],
+                            interpolation=InterpolationMode.BICUBIC, antialias=True)
+        if p["flip"]:
+            im = F.hflip(im)
+        if a.brightness:
+            im = F.adjust_brightness(im, float(p["brightness"]))
+        if a.contrast:
+            im = F.adjust_contrast(im, float(p["contrast"]))
+        if a.saturation:
+            im = F.adjust_saturation(im, float(p["saturation"]))
+        if a.hue:
+            im = F.adjust_hue(im, float(p["hue"]))
+        return F.normalize(F.to_tensor(im), a.mean, a.std)
+
+
+class RecordsDataset(Dataset):
+    """(i, epoch, position) -> {"image": [3, S, S] float32, "label": int, "source": int}, from read_bytes(i).
+
+    Training augments with the parameters of (seed, rank, epoch, position); evaluation ignores epoch and position.
+    """
+
+    def __init__(self, records: ImageRecords, aug: Augment, train: bool, seed: int = 0, rank: int = 0):
+        self.records, self.aug, self.train, self.seed, self.rank = records, aug, train, int(seed), int(rank)
+        self.transform = TrainTransform(aug) if train else eval_transform(aug)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, epoch, position = key if isinstance(key, tuple) else (key, 0, 0)
         data = self.records.read_bytes(i)
         try:
             with Image.open(io.BytesIO(data)) as im:
-                img = self.transform(im.convert("RGB"))
+                if self.train:
+                    p = sample_train_params(self.aug, self.seed, self.rank, epoch, [position], [im.width],
+                                            [im.height])
+                    img = self.transform(im.convert("RGB"), {k: v[0] for k, v in p.items()})
+                else:
+                    img = self.transform(im.convert("RGB"))
         except Exception as e:  # validated data should never get here; name the file if it does
             raise RuntimeError(f"could not decode {self.records.paths[i]}: {e}") from e
         return {"image": img, "label": int(self.records.labels[i]), "source": int(self.records.source[i])}
 
 
+class _PlannedBatches:
+    """DataLoader batch sampler: the current epoch's batches as lists of (index, epoch, position)."""
+
+    def __init__(self, plan: EpochPlan):
+        self.plan, self.current = plan, (0, 0, 0)
+
+    def __len__(self) -> int:
+        return self.current[2]
+
+    def __iter__(self):
+        epoch, start, batches = self.current
+        order = self.plan.order(epoch)
+        for k in range(batches):
+            lo, hi = self.plan.batch_rows(epoch, start, k)
+            yield [(int(order[p]), epoch, p) for p in range(lo, hi)]
+
+
 def default_workers(requested: int = -1) -> int:
-    return min(os.cpu_count() or 1, 8) if requested < 0 else requested
+    """DataLoader workers: `requested`, or for -1 this rank's cores, at most 8."""
+    return min(cores_per_rank(), 8) if requested < 0 else requested
 
 
 class TorchLoader:
-    """Iterable over batches; each full iteration is one epoch (the sampler's epoch advances by itself)."""
+    """Iterable over batches; each iteration is one epoch (then the next epoch is pending); see the module doc."""
 
     backend = "torch"
 
     def __init__(self, records: ImageRecords, aug: Augment, batch_size: int, *, train: bool, sampler=None,
                  seed: int = 0, workers: int = -1, drop_last: bool | None = None,
                  output_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.records, self.sampler, self.train = records, sampler, train
+        if int(batch_size) < 1:
+            raise ValueError(f"TorchLoader: batch_size must be >= 1, got {batch_size}")
+        self.records, self.sampler, self.train, self.seed = records, sampler, bool(train), int(seed)
         self.device, self.output_dtype = torch.device(device), output_dtype
-        self.seed, self.epoch = seed, 0
-        n = len(sampler) if sampler is not None else len(records)
-        if drop_last is None:  # a training set smaller than one batch still trains
-            drop_last = train and n >= batch_size
-        workers = default_workers(workers)
-        self._gen = torch.Generator()
-        ds = RecordsDataset(records, train_transform(aug) if train else eval_transform(aug))
-        self.loader = DataLoader(
-            ds, batch_size=batch_size, sampler=sampler if train else None,
-            shuffle=train and sampler is None, drop_last=drop_last, num_workers=workers,
-            generator=self._gen, persistent_workers=False, pin_memory=self.device.type == "cuda")
+        self.plan = EpochPlan(len(records), int(batch_size), train=self.train, sampler=sampler, seed=self.seed,
+                              drop_last=drop_last)
+        self.workers = default_workers(workers)
+        self._batches = _PlannedBatches(self.plan)
+        ds = RecordsDataset(records, aug, self.train, self.seed, self.plan.rank)
+        self.loader = DataLoader(ds, batch_sampler=self._batches, num_workers=self.workers,
+                                 persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda")
+        self._active = None
+
+    @property
+    def epoch(self) -> int:
+        return self.plan.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.plan.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """Batches in a full epoch (the next one; a resumed epoch yields fewer)."""
+        return self.plan.num_batches(self.plan.epoch)
+
+    def state_dict(self) -> dict:
+        return self.plan.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.plan.load_state_dict(state)
 
     def __iter__(self):
-        # Workers' augmentation seeds derive from this generator: keyed by (seed, epoch), so runs replay.
-        self._gen.manual_seed(hash((self.seed, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(self.epoch)
-        for batch in self.loader:
-            yield {"image": batch["image"].to(self.device, self.output_dtype, non_blocking=True),
-                   "label": batch["label"].to(self.device, non_blocking=True),
-                   "source": batch["source"].to(torch.uint8).to(self.device, non_blocking=True)}
-        self.epoch += 1
+        self._batches.current = self.plan.begin()
+        token = object()
+        self._active = token
+        return self._run(token)
+
+    def _run(self, token):
+        try:
+            for batch in self.loader:
+                if self._active is not token:
+                    raise RuntimeError("TorchLoader: this epoch's iterator was superseded by a newer "
+                                       "iter(loader); iterate one epoch at a time")
+                self.plan.advance(len(batch["label"]))
+                yield {"image": batch["image"].to(self.device, self.output_dtype, non_blocking=True),
+                       "label": batch["label"].to(self.device, non_blocking=True),
+                       "source": batch["source"].to(torch.uint8).to(self.device, non_blocking=True)}
+        finally:
+            if self._active is token:
+                self.plan.finish()
+
