@@ -276,6 +276,13 @@ void check_ptr(std::uintptr_t p, const char* name) {
     DF_CHECK(p != 0, "mae_loss: " << name << " pointer is null");
 }
 
+void check_dtypes(int imgs_dtype, int pred_dtype) {
+    DF_CHECK(imgs_dtype >= kF32 && imgs_dtype <= kBF16,
+             "mae_loss: imgs dtype code " << imgs_dtype << " is not 0 (f32), 1 (f16) or 2 (bf16)");
+    DF_CHECK(pred_dtype >= kF32 && pred_dtype <= kBF16,
+             "mae_loss: pred dtype code " << pred_dtype << " is not 0 (f32), 1 (f16) or 2 (bf16)");
+}
+
 template <typename F>
 void dispatch(int imgs_dtype, int pred_dtype, F&& f) {
     auto with_pred = [&](auto ti) {
@@ -305,6 +312,7 @@ void mae_loss_fwd(std::uintptr_t imgs, std::uintptr_t pred, std::uintptr_t mask,
     const Geometry g = make_geometry(shape, patch, imgs_strides, pred_strides, mask_strides, mask_dtype, norm_pix, eps);
     check_ptr(imgs, "imgs"); check_ptr(pred, "pred"); check_ptr(mask, "mask");
     check_ptr(partials, "partials"); check_ptr(loss, "loss");
+    check_dtypes(imgs_dtype, pred_dtype);
     DeviceGuard guard(device);
     const std::int64_t B = shape[0], h = shape[2] / patch;
     auto st = reinterpret_cast<cudaStream_t>(stream);
@@ -329,6 +337,7 @@ void mae_loss_bwd(std::uintptr_t grad, std::uintptr_t imgs, std::uintptr_t pred,
     const Geometry g = make_geometry(shape, patch, imgs_strides, pred_strides, mask_strides, mask_dtype, norm_pix, eps);
     check_ptr(grad, "grad"); check_ptr(imgs, "imgs"); check_ptr(pred, "pred"); check_ptr(mask, "mask");
     check_ptr(scale, "scale"); check_ptr(out, "out");
+    check_dtypes(imgs_dtype, pred_dtype);
     DeviceGuard guard(device);
     const std::int64_t B = shape[0], h = shape[2] / patch;
     auto st = reinterpret_cast<cudaStream_t>(stream);
