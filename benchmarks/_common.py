@@ -3,11 +3,17 @@
 The contract between a bench module and `python -m dermfast.bench`:
 
     def run(quick: bool = False) -> list[dict]      # one row per (workload, implementation)
-    if __name__ == "__main__": main(run)             # a bench file also runs on its own
+    def summary(rows: list[dict]) -> str            # optional: a markdown section for the summary file
+    if __name__ == "__main__": sys.exit(main(run))   # a bench file also runs on its own
 
 Rows are made with `row(...)`: workload, shape, dtype, impl, pass ("fwd" | "bwd" | "fwd+bwd" | "step"),
 median / p20 / p80 ms, and optional throughput (`tflops` or `gbps`), `peak_mib`, `status` ("ok", or
-"absent: <why>" for a peer that is not importable here, never dropped) and `note`.
+"absent: <why>" for a peer that is not importable here, never dropped; "error: <why>" for a failure) and
+`note`. `extra={...}` adds bench-specific columns (the results CSV takes the union of every row's keys).
+
+The harness fills two columns afterwards: `ratio_to_best_peer` (`fill_ratios`: best peer's median over ours, for
+impls named dermfast*) and `frac_of_ceiling` (`fill_ceiling_fracs`: TFLOP/s over the measured bf16 matmul
+ceiling, or GB/s over the measured device-copy ceiling; benchmarks/bench_ceilings.py measures both).
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, median and quantiles, cache flushed between runs);
 on CPU a perf_counter loop, only to prove the harness works: CPU numbers are not performance results.
@@ -16,19 +22,23 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
 FIELDS = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-          "peak_mib", "ratio_to_best_peer", "status", "note"]
+          "peak_mib", "ratio_to_best_peer", "frac_of_ceiling", "status", "note"]
+TABLE_COLS = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "tflops", "gbps",
+              "frac_of_ceiling", "ratio_to_best_peer", "peak_mib", "status"]
+CPU_WARNING = "note: no GPU here; CPU numbers are not performance results"
 
 
 def on_gpu() -> bool:
@@ -48,7 +58,14 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, rep: int = 30) -> dict
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return summarize_ms(times)
+
+
+def summarize_ms(times: list[float]) -> dict:
+    """{median_ms, p20_ms, p80_ms} of a list of per-run times in ms."""
+    if not times:
+        raise ValueError("summarize_ms: no times")
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
@@ -64,29 +81,52 @@ def peak_mib(fn: Callable[[], object]) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _num(x: float) -> str:
+    """One decimal for device-sized numbers, three significant digits for small (CPU) ones."""
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
 def row(bench: str, workload: str, shape: str, dtype, impl: str, pass_: str, timing: dict | None = None, *,
         flops: float | None = None, bytes_: float | None = None, peak: float | None = None,
-        status: str = "ok", note: str = "") -> dict:
-    """One result row; throughput is derived from the median time when flops or bytes_ are given."""
+        status: str = "ok", note: str = "", extra: dict | None = None) -> dict:
+    """One result row; throughput is derived from the median time when flops or bytes_ are given.
+
+    `extra`: bench-specific columns (e.g. images_per_s); they go to the CSV, not to the printed table.
+    """
     r = {k: "" for k in FIELDS}
     r.update(bench=bench, workload=workload, shape=shape, dtype=str(dtype).removeprefix("torch."), impl=impl,
              status=status, note=note)
     r["pass"] = pass_
     if timing:
-        r.update({k: f"{v:.4f}" for k, v in timing.items()})
+        r.update({k: f"{v:.4f}" for k, v in timing.items() if k in ("median_ms", "p20_ms", "p80_ms")})
         ms = timing["median_ms"]
         if flops:
-            r["tflops"] = f"{flops / ms / 1e9:.1f}"
+            r["tflops"] = _num(flops / ms / 1e9)
         if bytes_:
-            r["gbps"] = f"{bytes_ / ms / 1e6:.1f}"
+            r["gbps"] = _num(bytes_ / ms / 1e6)
     if peak is not None:
         r["peak_mib"] = f"{peak:.1f}"
+    for k, v in (extra or {}).items():
+        if k in ("bench", "workload", "shape", "dtype", "impl", "pass", "status"):
+            raise ValueError(f"row: extra column {k!r} would overwrite a core column")
+        r[k] = v if isinstance(v, str) else ("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
     return r
 
 
 def absent(bench: str, workload: str, shape: str, dtype, impl: str, pass_: str, why: str) -> dict:
     """A peer that cannot run here is reported, not dropped."""
     return row(bench, workload, shape, dtype, impl, pass_, status=f"absent: {why}")
+
+
+def error_row(bench: str, why: str, *, workload: str = "", shape: str = "", dtype="", impl: str = "",
+              pass_: str = "") -> dict:
+    """A benchmark (or one of its cases) that failed: reported as a row, so the rest of the run still counts."""
+    one_line = " ".join(str(why).split())
+    return row(bench, workload, shape, dtype, impl, pass_, status=f"error: {one_line}")
+
+
+def is_error(r: dict) -> bool:
+    return str(r.get("status", "")).startswith("error")
 
 
 def fill_ratios(rows: list[dict], ours_prefix: str = "dermfast") -> list[dict]:
@@ -103,6 +143,25 @@ def fill_ratios(rows: list[dict], ours_prefix: str = "dermfast") -> list[dict]:
     return rows
 
 
+def fill_ceiling_fracs(rows: list[dict], ceilings: dict | None) -> list[dict]:
+    """frac_of_ceiling = TFLOP/s / measured matmul ceiling, else GB/s / measured copy ceiling.
+
+    `ceilings`: {"matmul_tflops": float, "copy_gbps": float} (benchmarks/bench_ceilings.py `measure`); rows of
+    the ceilings themselves are left blank.
+    """
+    if not ceilings:
+        return rows
+    mm, cp = ceilings.get("matmul_tflops"), ceilings.get("copy_gbps")
+    for r in rows:
+        if r.get("bench") == "ceilings" or r.get("status") != "ok":
+            continue
+        if r.get("tflops") and mm:
+            r["frac_of_ceiling"] = f"{float(r['tflops']) / mm:.3f}"
+        elif r.get("gbps") and cp:
+            r["frac_of_ceiling"] = f"{float(r['gbps']) / cp:.3f}"
+    return rows
+
+
 def environment() -> dict:
     """GPU name, driver, versions and git commit: written beside every result."""
     def version(name: str) -> str:
@@ -114,6 +173,10 @@ def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += "+dirty"
     except Exception:
         commit = ""
     env = {"date": dt.date.today().isoformat(), "torch": torch.__version__, "triton": version("triton"),
@@ -129,6 +192,7 @@ def environment() -> dict:
     else:
         env["device"] = f"cpu-{platform.machine()}"
         env["driver"] = "none"
+    env["cores"] = str(os.cpu_count() or "")
     return env
 
 
@@ -136,41 +200,85 @@ def device_slug(env: dict) -> str:
     return "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
 
 
-def write_rows(rows: list[dict], out: Path | None = None) -> Path:
-    """Append rows (with the environment) to benchmarks/results/<device>-<date>.csv or `out`."""
-    env = environment()
-    out = out or RESULTS / f"{device_slug(env)}-{env['date']}.csv"
+def write_rows(rows: list[dict], out: Path | None = None, env: dict | None = None) -> Path:
+    """Append rows (with the environment) to benchmarks/results/<device>-<date>.csv or `out`.
+
+    Columns are the union of the file's existing header and the new rows' keys: when they differ the file is
+    rewritten with the wider header, so rows from earlier runs stay aligned with their columns.
+    """
+    env = env or environment()
+    out = Path(out) if out else RESULTS / f"{device_slug(env)}-{env['date']}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = FIELDS + list(env)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**r, **env})
+    new_rows = [{**r, **env} for r in rows]
+    old_rows: list[dict] = []
+    old_fields: list[str] = []
+    if out.exists() and out.stat().st_size:
+        with open(out, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    fields = list(dict.fromkeys([*old_fields, *FIELDS, *(k for r in rows for k in r), *env]))
+    if old_fields == fields:
+        with open(out, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerows(new_rows)
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
+        w.writeheader()
+        w.writerows(old_rows)
+        w.writerows(new_rows)
+    os.replace(tmp, out)
     return out
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "tflops", "gbps", "peak_mib",
-            "ratio_to_best_peer", "status"]
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols} if rows else {}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols)] if rows else []
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+def _cell(r: dict, c: str, width: int | None = None) -> str:
+    s = str(r.get(c, "") if r.get(c) is not None else "")
+    return s if width is None or len(s) <= width else s[: width - 3] + "..."
+
+
+def format_table(rows: list[dict], cols: Iterable[str] | None = None, max_width: int = 60) -> str:
+    """Plain-text table of `cols` (default TABLE_COLS); cells longer than max_width are cut."""
+    cols = list(cols or TABLE_COLS)
+    if not rows:
+        return ""
+    widths = {c: max(len(c), *(len(_cell(r, c, max_width)) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(_cell(r, c, max_width).ljust(widths[c]) for c in cols).rstrip() for r in rows]
     return "\n".join(lines)
 
 
+def markdown_table(rows: list[dict], cols: Iterable[str] | None = None) -> str:
+    cols = list(cols or TABLE_COLS)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r, c).replace("|", "/") for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def measure_ceilings(quick: bool = False) -> tuple[dict, list[dict]]:
+    """The two ceilings (benchmarks/bench_ceilings.py): ({matmul_tflops, copy_gbps}, their rows)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_ceilings  # noqa: E402  (a sibling file; benchmarks/ is not a package)
+    return bench_ceilings.measure(quick)
+
+
 def main(run: Callable[[bool], list[dict]], argv: list[str] | None = None) -> int:
-    """Entry point of a bench file: `python benchmarks/bench_<op>.py [--quick] [--out FILE]`."""
+    """Entry point of a bench file: `python benchmarks/bench_<op>.py [--quick] [--out FILE] [--no-ceilings]`.
+
+    On a GPU the two ceilings are measured first so `frac_of_ceiling` is filled. Returns 1 if a row is an error.
+    """
     import argparse
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny shapes: proves the harness, not a result")
     p.add_argument("--out", type=Path, help="results CSV (default benchmarks/results/<device>-<date>.csv)")
+    p.add_argument("--no-ceilings", action="store_true", help="skip measuring the matmul and copy ceilings")
     args = p.parse_args(argv)
-    rows = fill_ratios(run(args.quick))
+    ceilings, ceiling_rows = ({}, [])
+    if on_gpu() and not args.no_ceilings:
+        ceilings, ceiling_rows = measure_ceilings(args.quick)
+    rows = fill_ceiling_fracs(fill_ratios(ceiling_rows + run(args.quick)), ceilings)
     print(format_table(rows))
     if not on_gpu():
-        print("note: no GPU here; CPU numbers are not performance results", file=sys.stderr)
+        print(CPU_WARNING, file=sys.stderr)
     print(f"wrote {write_rows(rows, args.out)}")
-    return 0
+    return 1 if any(is_error(r) for r in rows) else 0
