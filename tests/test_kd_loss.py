@@ -247,14 +247,16 @@ def test_opcheck(backend):
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(compile_backend):
+    """Dynamo traces through the custom op (fake impl) and AOT autograd uses the registered backward."""
     s, t, y, w, T, alpha = make_inputs(6, 11, "target_weight", torch.float32)
     w = w.float()
 
     def step(s, t, y):
         return kd_loss(s, t, y, T, alpha, w) * 2.0
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
     eager, comp = step(s1, t, y), compiled(s2, t, y)
     eager.backward()
@@ -303,3 +305,15 @@ def test_gpu_non_finite_and_unchecked_targets(backend):
     y[3] = 3000
     rows = kd_loss(s, t, y, T, alpha, w.float(), "none", backend, validate_target=False)
     assert torch.isnan(rows[[1, 3]]).all() and torch.isfinite(rows[[0, 2]]).all()
+
+
+@pytest.mark.skipif(not (_optional.HAS_CUDA_EXT and hasattr(_optional.cuda_ext, "kd_loss_fwd")),
+                    reason="dermfast._C is not built with kd_loss_fwd")
+def test_cuda_binding_rejects_bad_arguments_before_touching_the_device():
+    ext = _optional.cuda_ext
+    base = dict(s=1, t=1, y=0, w=0, wsum=0, loss=1, grad=0, n=4, c=7, stride_s=7, stride_t=7, s_dtype=0,
+                t_dtype=0, inv_t=0.25, kd_loss_scale=1.0, kd_grad_scale=1.0, ce_scale=0.0, device=0)
+    for bad, match in [(dict(n=0), "n >= 1"), (dict(stride_s=3), "row strides"), (dict(s_dtype=5), "dtype codes"),
+                       (dict(w=8), "need a target"), (dict(inv_t=0.0), "inv_t"), (dict(s=0), "null")]:
+        with pytest.raises(ValueError, match=match):
+            ext.kd_loss_fwd(**{**base, **bad})

@@ -193,12 +193,20 @@ def _cuda_fwd(s, t, target, class_weight, temperature, alpha, reduction, write_g
         class_weight.data_ptr() if class_weight is not None else 0, wsum.data_ptr() if wsum is not None else 0,
         rows.data_ptr(), grad.data_ptr() if write_grad else 0,
         N, C, s.stride(0), t.stride(0), _DTYPE_CODE[s.dtype], _DTYPE_CODE[t.dtype],
-        1.0 / float(temperature), kd_ls, kd_gs, ce_scale, torch.cuda.current_stream(s.device).cuda_stream)
+        1.0 / float(temperature), kd_ls, kd_gs, ce_scale, s.device.index if s.device.index is not None
+        else torch.cuda.current_device(), torch.cuda.current_stream(s.device).cuda_stream)
     return (rows if reduction == "none" else rows.sum()), grad
 
 
 kd_loss_op = define_op("kd_loss", "KD loss: alpha*T^2*KL + (1-alpha)*class-weighted CE, loss and grad in one pass")
-kd_loss_op.register("cuda", all_of(needs_cuda_ext, dtype_in(*_FUSED_DTYPES)))(_cuda_fwd)
+def _ext_has_kd_loss(q: Query) -> str | None:
+    from dermfast import _optional
+    if _optional.cuda_ext is not None and not hasattr(_optional.cuda_ext, "kd_loss_fwd"):
+        return "the compiled extension predates kd_loss_fwd (rebuild it: pip install -e .)"
+    return None
+
+
+kd_loss_op.register("cuda", all_of(needs_cuda_ext, _ext_has_kd_loss, dtype_in(*_FUSED_DTYPES)))(_cuda_fwd)
 kd_loss_op.register("triton", all_of(needs_triton_device, dtype_in(*_FUSED_DTYPES)))(_triton_fwd)
 kd_loss_op.register("torch")(_torch_fwd)
 
