@@ -227,8 +227,12 @@ def train(stage_cls: type[Stage], cfg, argv: list[str] | None = None) -> Path:
         dist.barrier()
         return trainer.run(resume_from)
     except BaseException:
-        if created and not trainer.started and world.is_main and run_dir.is_dir():
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
+        if not trainer.started and world.is_main:  # a failed start leaves nothing behind
+            if created and run_dir.is_dir():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            elif trainer.claimed and resume_from is None:
+                for name in ("run.json", "config.yaml"):
+                    (run_dir / name).unlink(missing_ok=True)
         raise
     finally:
         trainer.close()
@@ -240,7 +244,7 @@ class _Trainer:
                  bf16: bool, argv):
         self.stage, self.cfg, self.run_dir, self.world, self.argv = stage, cfg, run_dir, world, argv
         self.r = Run(cfg, run_dir, device, world, workers, threads, bf16)
-        self.started = False
+        self.started = self.claimed = False
         self.skipped = self.bad_in_row = 0
         self.samples_in_epoch = 0
         self.best: float | None = None
@@ -255,10 +259,15 @@ class _Trainer:
             for name in ENGINE_FILES:
                 p = d / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def claim_run_dir(self) -> None:
+        """After the stage built its model and data: mark the folder as this run's (run.json, config.yaml)."""
+        d = self.run_dir
         self._status("running")
         save_config(self.cfg, d / "config.yaml")
         self.r.wrote(d / "config.yaml")
         self.r.wrote(d / "run.json")
+        self.claimed = self.world.is_main
 
     def _status(self, status: str, **extra) -> None:
         if not self.world.is_main:
@@ -312,6 +321,7 @@ class _Trainer:
         self._warn_tiny_epoch(batches)
         self.start_epoch, self.resume_loader = 0, None
         if self.world.is_main:
+            self.claim_run_dir()
             self.log = CSVLog(self.run_dir / "log.csv")
             self.eval_log = CSVLog(self.run_dir / "eval.csv")
             self.tb = TensorBoard(self.run_dir / "tensorboard", enabled=True)
@@ -398,7 +408,7 @@ class _Trainer:
                             raise self._interrupted(sig.signum)
                         if done:
                             break
-                        if cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0:
+                        if cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and not self.bad_in_row:
                             self._checkpoint(mid_epoch=True)
                     if done:
                         break
@@ -523,7 +533,7 @@ class _Trainer:
             if hasattr(self.loader, "state_dict"):
                 loader_state = self.loader.state_dict()
             elif self.sampler is not None:
-                loader_state = {"sampler": self.sampler.state_dict(consumed=self.samples_in_epoch)}
+                loader_state = {"engine_sampler_state": self.sampler.state_dict(consumed=self.samples_in_epoch)}
         rng = {"torch": torch.get_rng_state().tolist(), "numpy": _np_state(), "python": _py_state(),
                "cuda": torch.cuda.get_rng_state(r.device).tolist() if r.device.type == "cuda" else None}
         per_rank = _gather({"loader": loader_state, "rng": rng})
@@ -586,12 +596,10 @@ class _Trainer:
         r.log(f"resumed from {path} at step {r.step} (epoch {r.epoch}, {self.samples_in_epoch} samples into it)")
 
     def _restore_loader(self, state: dict) -> None:
-        if hasattr(self.loader, "load_state_dict") and "sampler" not in state:
-            self.loader.load_state_dict(state)
-        elif self.sampler is not None:
-            self.sampler.load_state_dict(state.get("sampler", state))
+        if "engine_sampler_state" in state:  # a loader without state_dict: its sampler's position
+            self.sampler.load_state_dict(state["engine_sampler_state"])
         else:
-            raise TrainingError("resume: the loader has no load_state_dict and the stage gave no sampler")
+            self.loader.load_state_dict(state)
 
     def _interrupted(self, signum: int) -> Interrupted:
         self._status("interrupted")
