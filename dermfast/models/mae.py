@@ -1,6 +1,7 @@
 """Masked autoencoder ViT (He et al. 2021) built from timm blocks and dermfast ops.
 
-The encoder sees only the visible patches (`dermfast.ops.random_masking`); a light decoder reconstructs every
+The encoder sees only the visible patches: the keep-set comes from `dermfast.ops.random_masking_indices` and
+only the kept pixel patches are embedded (`dermfast.ops.masked_patch_embed`); a light decoder reconstructs every
 patch; the loss is `dermfast.ops.mae_loss` on removed patches. Blocks are injected (`block_layer`), so the
 fused-attention block drops in without touching this file. Position embeddings are fixed 2-D sin-cos, as in
 the paper. Presets are registered by name with `@register_preset`; no special cases by model name.
@@ -13,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dermfast.ops import mae_loss, random_masking
+from dermfast.ops import mae_loss, masked_patch_embed, random_masking_indices
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,9 @@ class MaskedAutoencoderViT(nn.Module):
     """MAE with a ViT encoder. forward(imgs [B, C, H, W], seed, step) -> (loss, pred [B, L, p*p*C], mask [B, L]).
 
     Mask semantics: 0 keep, 1 remove. The mask is a pure function of (seed, step, sample index), so the same
-    call reproduces the same masking on any device.
+    call reproduces the same masking on any device. The whole model compiles with `torch.compile`: masking and
+    the masked patch embedding are custom ops, and `step` is a plain int that dynamo makes symbolic after its
+    first change (one recompilation, then none per step).
     """
 
     def __init__(self, cfg: MAEPreset, block_layer: Callable[..., nn.Module] | None = None):
@@ -147,17 +150,27 @@ class MaskedAutoencoderViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def masking(self, batch: int, seed: int, step: int, mask_ratio: float | None = None,
+                sample_offset: int = 0, device=None):
+        """The keep-set of a batch (`MaskingResult`; `visible` is empty): a pure function of the key."""
+        ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        return random_masking_indices(batch, self.num_patches, ratio, seed, step, sample_offset=sample_offset,
+                                      device=device if device is not None else self.pos_embed.device)
+
     def forward_encoder(self, imgs: torch.Tensor, seed: int, step: int, mask_ratio: float | None = None,
                         sample_offset: int = 0):
-        x = self.patch_embed(imgs)
-        ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
-        x, mask, ids_restore, _ = random_masking(x, ratio, seed, step, pos_embed=self.pos_embed,
-                                                 sample_offset=sample_offset)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        """imgs [B, C, H, W] -> (latent [B, 1 + K, D], mask [B, L] float32 (0 keep, 1 remove), ids_restore [B, L]).
+
+        Only the kept pixel patches are embedded (`masked_patch_embed`): 4x fewer patch-embed FLOPs at 0.75.
+        """
+        m = self.masking(imgs.shape[0], seed, step, mask_ratio, sample_offset, imgs.device)
+        proj = self.patch_embed.proj
+        x = masked_patch_embed(imgs, proj.weight, proj.bias, self.cfg.patch_size, m.ids_keep, self.pos_embed)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x), m.mask, m.ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)

@@ -202,7 +202,7 @@ def _fwd_cuda(x, pos, cu, total, h_step, sample_offset, mask_dtype):
         _optional.cuda_ext.random_masking_fwd(
             x.data_ptr(), pos.data_ptr() if pos is not None else 0, vis.data_ptr(), mask.data_ptr(),
             restore.data_ptr(), keep.data_ptr(), cu.data_ptr(), B, L, D, _CUDA_DTYPES[x.dtype],
-            _CUDA_DTYPES[mask_dtype], h_step, sample_offset, stream)
+            _CUDA_DTYPES[mask_dtype], h_step, sample_offset, x.device.index, stream)
     return vis, mask, restore, keep
 
 
@@ -289,7 +289,12 @@ def _masking_fake(x, pos_embed, mask_ratio, ratios, seed, step, sample_offset, m
 @torch.library.custom_op("dermfast::random_masking_backward", mutates_args=())
 def _masking_bwd_custom(grad_visible: torch.Tensor, ids_restore: torch.Tensor, cu_seqlens: torch.Tensor,
                         need_x: bool, need_pos: bool, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_visible: [T, D] contiguous. Returns grad_x [B, L, D] and grad_pos [L, D] (empty [0] if not needed)."""
+    """grad_visible: [T, D] contiguous. Returns grad_x [B, L, D] and grad_pos [L, D] (empty [0] if not needed).
+
+    The backward has torch and Triton implementations; a forward run on `cuda` picks the best of those.
+    """
+    if backend == "cuda":
+        backend = None
     sizes = {"L": ids_restore.shape[1], "D": grad_visible.shape[1]}
     impl = masking_bwd_op.select(Query(grad_visible.device, grad_visible.dtype, sizes), backend)
     return impl.fn(grad_visible, ids_restore, cu_seqlens, need_x, need_pos)
