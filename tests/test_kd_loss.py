@@ -290,8 +290,10 @@ def test_gpu_matches_float64_reference(backend, dtype, case, N, C):
         want, want_g = reference(s, t, y, w, T, alpha, reduction, grad_out)
         got, got_g = run(backend, s, t, y, w, T, alpha, reduction, grad_out)
         assert got_g.dtype == dtype
-        assert_close(got, want, torch.float32 if dtype != torch.bfloat16 else torch.float16, "loss")
-        assert_close(got_g, want_g, dtype, "grad")
+        # fp32 math on the rounded inputs, but with the GPU's approximate exp/log and long reductions: a looser
+        # loss tolerance than on the CPU (fp16's table entry); the gradient carries its dtype's rounding.
+        assert_close(got, want, torch.float16, "loss")
+        assert_close(got_g, want_g, dtype if dtype != torch.float32 else torch.float16, "grad")
 
 
 @nan_math

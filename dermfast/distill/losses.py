@@ -313,5 +313,5 @@ class SSDKDLoss(nn.Module):
         if not terms:
             raise ValueError("SSDKDLoss: every weight is 0")
         weights = asdict(w)
-        total = sum(weights[name] * value.float() for name, value in terms.items())
+        total = sum(weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}
