@@ -11,7 +11,8 @@ an OOM moves to the next):
   dermfast+compile             the same under torch.compile
   dermfast+compile+cudagraphs  torch.compile(mode="reduce-overhead"): CUDA graphs for the model's fwd / bwd
   dermfast+dali                (opt-in) dermfast fed by the DALI GPU loader (dali-cpu on a CPU) decoding 1024x768
-                               JPEGs (toy renders, written once to the cache) every step: the data path's cost
+                               JPEGs (toy renders, written once to the cache) with random resized crop and flip
+                               every step: the data path's cost shows as the difference to `dermfast`
 
 Per row: median step time (CUDA events per step, after warm-up), images/s, TFLOP/s from the model FLOPs
 (torch.utils.flop_counter on the official recipe, fwd + bwd, counted once on the meta device: the same useful
@@ -300,26 +301,32 @@ def dermfast_optimizer(model: nn.Module, lr: float, device: torch.device):
         return opt, f"torch.AdamW(fused) (dermfast.train.optim unusable: {type(e).__name__}: {e})"
 
 
-def _dali_records(n: int):
-    """n full-size (1024 x 768) JPEGs of the embedded toy renderer, written once to the cache."""
-    import csv
+def _dali_records(n: int, unique: int = 64):
+    """n records over min(n, unique) full-size (1024 x 768, quality 90, sensor noise) JPEGs of the embedded toy
+    renderer, written once to the cache; files repeat past `unique` (decode cost per image is what counts)."""
     import numpy as np
     from PIL import Image
 
-    from dermfast.data.adapters import read_csv
-    from dermfast.data.toy import CLASSES, class_counts, default_cache_dir, render_lesion
+    from dermfast.data.records import ImageRecords
+    from dermfast.data.toy import CLASSES, default_cache_dir, render_lesion
 
-    root = default_cache_dir() / f"bench-mae-step-1024x768-{n}"
-    if not (root / "labels.csv").is_file():
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        labels = [c for c, k in class_counts(n).items() for _ in range(k)]
-        for i, label in enumerate(labels):
-            img = Image.fromarray(render_lesion(np.random.default_rng([7, i]), label, 384))
-            img.resize((1024, 768), Image.BICUBIC).save(root / "images" / f"f{i:05d}.jpg", quality=90)
-        with open(root / "labels.csv.tmp", "w", newline="") as f:
-            csv.writer(f).writerows([("image", "label"), *((f"f{i:05d}", lab) for i, lab in enumerate(labels))])
-        os.replace(root / "labels.csv.tmp", root / "labels.csv")
-    return read_csv(root, classes=list(CLASSES))
+    root = default_cache_dir() / "bench-mae-step-1024x768"
+    root.mkdir(parents=True, exist_ok=True)
+    k = min(n, unique)
+    paths = []
+    for i in range(k):
+        path = root / f"f{i:05d}.jpg"
+        if not path.is_file():
+            rng = np.random.default_rng([7, i])
+            img = Image.fromarray(render_lesion(rng, CLASSES[i % len(CLASSES)], 384)).resize((1024, 768))
+            arr = np.asarray(img).astype(np.int16) + rng.integers(-6, 7, (768, 1024, 3), dtype=np.int16)
+            tmp = path.with_suffix(".tmp.jpg")
+            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(tmp, quality=90)
+            os.replace(tmp, path)
+        paths.append(str(path))
+    idx = [i % k for i in range(n)]
+    return ImageRecords([paths[i] for i in idx], np.array([i % len(CLASSES) for i in idx]), list(CLASSES),
+                        root=str(root))
 
 
 def _time_steps(case: Case, pool, start: int, n: int) -> list[float]:

@@ -33,6 +33,15 @@ import torch
 
 ENV_DIR = "DERMFAST_BENCH_DIR"
 CEILINGS = "ceilings"
+RUN_LAST = ("loader", "mae_step")  # end-to-end benches run after the op benches: they take the longest
+
+
+class Stopped(BaseException):
+    """SIGTERM (e.g. `timeout`) arrived: stop starting modules, still write what was measured."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped(f"signal {signum}")
 
 
 class BenchDirError(RuntimeError):
@@ -126,7 +135,7 @@ def run_module(name: str, path: Path, quick: bool, common: ModuleType) -> tuple[
     try:
         mod = _load(path, f"bench_{name}")
     except BaseException as e:  # noqa: BLE001  (SystemExit at import too: one file must not stop the run)
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, (KeyboardInterrupt, Stopped)):
             raise
         traceback.print_exc()
         return [common.error_row(bench, f"import failed: {_why(e)}")], None
@@ -137,7 +146,7 @@ def run_module(name: str, path: Path, quick: bool, common: ModuleType) -> tuple[
     try:
         rows = run(quick=quick)
     except BaseException as e:  # noqa: BLE001
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, (KeyboardInterrupt, Stopped)):
             raise
         traceback.print_exc()
         return [common.error_row(bench, f"run() raised {_why(e)}")], mod
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--dir", help=f"benchmarks folder (default: next to the package, or ${ENV_DIR})")
     p.add_argument("--no-ceilings", action="store_true", help="do not measure the matmul / copy ceilings")
+    p.add_argument("--budget-s", type=float, help="start no module after this many seconds (the rest: skipped)")
     args = p.parse_args(argv)
 
     try:
@@ -182,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in found.items():
             print(f"{name:<22} {describe(path)}")
         return 0
-    names = [n for n in found if n != CEILINGS]
+    names = sorted((n for n in found if n != CEILINGS), key=lambda n: (n in RUN_LAST, RUN_LAST.index(n)
+                                                                       if n in RUN_LAST else 0, n))
     if args.only:
         wanted = [w.removesuffix(".py").removeprefix("bench_") for w in args.only]
         unknown = [w for w in wanted if w not in found]
@@ -194,29 +205,56 @@ def main(argv: list[str] | None = None) -> int:
 
     common = load_common(bench_dir)
     gpu = torch.cuda.is_available()
+    import signal
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        return _run_all(args, found, names, common, gpu)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_all(args, found: dict[str, Path], names: list[str], common: ModuleType, gpu: bool) -> int:
+    start = time.perf_counter()
     if not gpu:
         print(common.CPU_WARNING + ("" if args.quick else " (use --quick on a CPU)"), file=sys.stderr)
     rows: list[dict] = []
     ceilings: dict = {}
-    if not args.no_ceilings and CEILINGS in found:
-        print("measuring ceilings ...", file=sys.stderr, flush=True)
-        try:
-            mod = _load(found[CEILINGS], f"bench_{CEILINGS}")
-            ceilings, ceiling_rows = mod.measure(args.quick)
-            rows += ceiling_rows
-        except Exception as e:  # noqa: BLE001  (reported as a row; the other benches still run)
-            traceback.print_exc()
-            rows.append(common.error_row(CEILINGS, f"measure() raised {_why(e)}"))
-        _free_device()
     modules: dict[str, ModuleType] = {}
-    for name in names:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        got, mod = run_module(name, found[name], args.quick, common)
-        print(f"  {name}: {len(got)} rows in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-        rows += got
-        if mod is not None:
-            modules[name] = mod
+    stopped = ""
+    try:
+        if not args.no_ceilings and CEILINGS in found:
+            print("measuring ceilings ...", file=sys.stderr, flush=True)
+            try:
+                mod = _load(found[CEILINGS], f"bench_{CEILINGS}")
+                ceilings, ceiling_rows = mod.measure(args.quick)
+                rows += ceiling_rows
+            except Exception as e:  # noqa: BLE001  (reported as a row; the other benches still run)
+                traceback.print_exc()
+                rows.append(common.error_row(CEILINGS, f"measure() raised {_why(e)}"))
+            _free_device()
+        for i, name in enumerate(names):
+            if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                rows += [common.row(n, "", "", "", "", "", status=f"skipped: past the {args.budget_s:.0f} s "
+                                    "budget (--budget-s)") for n in names[i:]]
+                break
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            got, mod = run_module(name, found[name], args.quick, common)
+            print(f"  {name}: {len(got)} rows in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+            rows += got
+            if mod is not None:
+                modules[name] = mod
+    except Stopped as e:
+        stopped = f"stopped by {e} while running; rows measured so far were kept"
+        print(f"dermfast.bench: {stopped}", file=sys.stderr, flush=True)
+        done = {r["bench"] for r in rows}
+        rows += [common.error_row(n, stopped) for n in names if n not in done]
     for r in rows:
         r["mode"] = "quick" if args.quick else "full"
     rows = common.fill_ceiling_fracs(common.fill_ratios(rows), ceilings)

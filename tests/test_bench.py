@@ -220,7 +220,10 @@ def test_datasheet_peaks(mae_step):
 
 def test_mae_step_quick_real_run(tmp_path, monkeypatch, capsys):
     """The real benchmark, --quick: demo preset, batch 2, one timed step per variant, the breakdown filled."""
-    monkeypatch.setenv("DERMFAST_BENCH_MAE_VARIANTS", "official,dermfast,dermfast+compile+cudagraphs")
+    gpu = torch.cuda.is_available()
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_VARIANTS", "official,dermfast" + ("" if gpu else ",dermfast+compile+cudagraphs"))
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_PRESETS", "demo")
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_BATCHES", "2")
     monkeypatch.setenv("DERMFAST_BENCH_MAE_STEPS", "1")
     out = tmp_path / "mae.csv"
     assert bench.main(["--quick", "--only", "mae_step", "--no-ceilings", "--out", str(out)]) == 0
@@ -228,13 +231,44 @@ def test_mae_step_quick_real_run(tmp_path, monkeypatch, capsys):
     for impl in ("official", "dermfast"):
         r = rows[impl]
         assert r["status"] == "ok" and r["pass"] == "step"
-        assert r["batch"] == ("2" if not torch.cuda.is_available() else r["batch"])
+        assert r["batch"] == "2" and r["shape"].startswith("b2 ")
         assert float(r["images_per_s"]) > 0 and float(r["tflops"]) > 0
         parts = dict(kv.split("=") for kv in r["breakdown_ms"].split(";"))
         assert {"matmul", "attention", "norm", "elementwise/casts", "optimiser", "masking", "loss"} <= set(parts)
         assert float(parts["matmul"]) > 0 and float(parts["optimiser"]) > 0
     assert rows["dermfast"]["ratio_to_best_peer"]
-    if not torch.cuda.is_available():
+    if not gpu:
         assert rows["dermfast+compile+cudagraphs"]["status"] == "absent: needs a CUDA GPU"
     md = out.with_suffix(".md").read_text()
     assert "## MAE step" in md and "| demo | 2 | official |" in md
+
+
+SIGTERM_SELF = '''
+"""A bench that is stopped from outside (as `timeout` does) while it runs."""
+import os
+import signal
+import time
+
+
+def run(quick=False):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    return []
+'''
+
+
+def test_sigterm_still_writes_results(fake_dir, tmp_path):
+    (fake_dir / "bench_zz_stopped.py").write_text(textwrap.dedent(SIGTERM_SELF))
+    out = tmp_path / "stopped.csv"
+    assert bench.main(["--dir", str(fake_dir), "--quick", "--only", "good", "zz_stopped", "--no-ceilings",
+                       "--out", str(out)]) == 1
+    rows = by_bench(read(out))
+    assert [r["status"] for r in rows["good"]][:2] == ["ok", "ok"]  # measured before the signal: kept
+    assert rows["zz_stopped"][0]["status"].startswith("error: stopped by signal")
+
+
+def test_budget_skips_the_rest(fake_dir, tmp_path):
+    out = tmp_path / "budget.csv"
+    assert bench.main(["--dir", str(fake_dir), "--quick", "--only", "good", "raises", "--no-ceilings",
+                       "--budget-s", "0", "--out", str(out)]) == 0
+    assert all(r["status"].startswith("skipped: past the 0 s budget") for r in read(out))
