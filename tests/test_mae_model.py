@@ -34,7 +34,7 @@ def test_demo_forward_shapes_and_visible_only_encoder():
     assert torch.isfinite(loss) and loss.ndim == 0
     latent, mask2, _ = m.forward_encoder(imgs, seed=0, step=0)
     assert latent.shape[1] == 1 + int(L * 0.25)  # cls + visible tokens only
-    assert torch.equal(mask, mask2)
+    assert torch.equal(mask, mask2) and mask.dtype == torch.float32
     loss.backward()
     assert m.patch_embed.proj.weight.grad is not None and m.decoder_pred.weight.grad is not None
 
@@ -49,3 +49,32 @@ def test_block_constructor_is_injected():
 
     m = MaskedAutoencoderViT(get_preset("demo"), block_layer=block)
     assert built == [192] * 4 + [128] * 2 and len(m.blocks) == 4
+
+
+def test_masked_patch_embedding_equals_patch_embed_then_mask():
+    from dermfast.ops import random_masking
+
+    m = mae_from_preset("demo", img_size=32)
+    imgs = torch.randn(3, 3, 32, 32)
+    keys = dict(seed=4, step=17, sample_offset=6)
+    masking = m.masking(3, **keys)
+    tokens = m.patch_embed(imgs).contiguous()  # the encoder before masked patch embedding
+    ref = random_masking(tokens, m.cfg.mask_ratio, pos_embed=m.pos_embed, **keys)
+    for name in ("mask", "ids_restore", "ids_keep", "cu_seqlens"):
+        assert torch.equal(getattr(masking, name), getattr(ref, name).to(getattr(masking, name).dtype)), name
+    from dermfast.ops import masked_patch_embed
+    proj = m.patch_embed.proj
+    got = masked_patch_embed(imgs, proj.weight, proj.bias, 8, masking.ids_keep, m.pos_embed)
+    torch.testing.assert_close(got, ref.visible, atol=1e-5, rtol=1e-5)
+    _, mask, _ = m.forward_encoder(imgs, **keys)
+    assert torch.equal(mask, masking.mask)
+
+
+def test_sample_offset_gives_the_shard_its_own_masks():
+    m = mae_from_preset("demo", img_size=32)
+    imgs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        _, _, mask = m(imgs, seed=1, step=2)
+        _, _, tail = m(imgs[2:], seed=1, step=2, sample_offset=2)
+    assert torch.equal(tail, mask[2:])  # rank r with offset r * per-rank batch masks like the global batch
+    assert not torch.equal(mask[:2], mask[2:])

@@ -20,11 +20,16 @@ def _to_uint8(imgs: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def reconstruction_grid(model, imgs: torch.Tensor, seed: int = 0, step: int = 0) -> np.ndarray:
-    """imgs: [B, 3, H, W] normalised, on the model's device. Returns an [4*H, B*W, 3] uint8 grid."""
+def reconstruction_grid(model, imgs: torch.Tensor, seed: int = 0, step: int = 0,
+                        sample_offset: int = 0) -> np.ndarray:
+    """imgs: [B, 3, H, W] normalised, on the model's device. Returns an [4*H, B*W, 3] uint8 grid.
+
+    The masks are the model's own (`MaskedAutoencoderViT.forward`: mask [B, L], 0 keep, 1 remove), keyed by
+    (seed, step, sample_offset + sample), so a figure shows exactly the masking a training step used.
+    """
     was_training = model.training
     model.eval()
-    _, pred, mask = model(imgs, seed=seed, step=step)
+    _, pred, mask = model(imgs, seed=seed, step=step, sample_offset=sample_offset)
     model.train(was_training)
     p = model.cfg.patch_size
     pred = pred.float()
@@ -40,8 +45,9 @@ def reconstruction_grid(model, imgs: torch.Tensor, seed: int = 0, step: int = 0)
     return np.concatenate(rows, axis=0)
 
 
-def save_reconstruction_png(model, imgs: torch.Tensor, path: Path, seed: int = 0, step: int = 0) -> Path:
-    grid = reconstruction_grid(model, imgs, seed, step)
+def save_reconstruction_png(model, imgs: torch.Tensor, path: Path, seed: int = 0, step: int = 0,
+                            sample_offset: int = 0) -> Path:
+    grid = reconstruction_grid(model, imgs, seed, step, sample_offset)
     scale = max(1, 256 // imgs.shape[-1])  # small demo images are upscaled so the figure is readable
     im = Image.fromarray(grid)
     if scale > 1:

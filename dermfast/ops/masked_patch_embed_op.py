@@ -102,10 +102,10 @@ def _mpe_backward(ctx, g):
         patches = gather_patches(imgs, p, ids_keep)
         g_w = (g.reshape(B * K, D).t() @ patches.reshape(B * K, -1)).to(weight.dtype)
     if need_b and ctx.has_bias:
-        g_b = g.sum((0, 1), dtype=torch.float32).to(g.dtype)
+        g_b = g.sum((0, 1), dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
     if need_pos and ctx.has_pos:
         full = g.new_zeros(B, ctx.L, D).scatter(1, ids_keep[:, :, None].expand(-1, -1, D), g)
-        g_pos = full.sum(0, dtype=torch.float32).to(g.dtype)
+        g_pos = full.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
     if need_img:
         Bi, C, H, W = imgs.shape
         rows, hi, wi = _grid_index(imgs, p, ids_keep)

@@ -173,7 +173,7 @@ def _bwd_torch(g, ids_restore, cu, need_x, need_pos):
     kept = ids_restore < k[:, None]
     src = torch.where(kept, ids_restore + cu[:-1, None].to(torch.int64), 0)
     gx = torch.where(kept[:, :, None], g[src.reshape(-1)].reshape(B, L, D), 0).to(g.dtype)
-    gp = gx.sum(0, dtype=torch.float32).to(g.dtype) if need_pos else g.new_empty(0)
+    gp = gx.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype) if need_pos else g.new_empty(0)
     return (gx if need_x else g.new_empty(0)), gp
 
 
