@@ -20,27 +20,6 @@ namespace dermfast {
 
 namespace {
 
-// Switches to `device` for the lifetime of the guard if it is not already current, and switches back after.
-class DeviceGuard {
-  public:
-    explicit DeviceGuard(int device) {
-        DF_CUDA_CHECK(cudaGetDevice(&prev_));
-        if (prev_ != device) {
-            DF_CUDA_CHECK(cudaSetDevice(device));
-            switched_ = true;
-        }
-    }
-    ~DeviceGuard() {
-        if (switched_) (void)cudaSetDevice(prev_);  // never throw from a destructor
-    }
-    DeviceGuard(const DeviceGuard&) = delete;
-    DeviceGuard& operator=(const DeviceGuard&) = delete;
-
-  private:
-    int prev_ = 0;
-    bool switched_ = false;
-};
-
 cudaError_t query_device_count(int* n) {
     *n = 0;
     const cudaError_t err = cudaGetDeviceCount(n);
@@ -59,6 +38,16 @@ void check_ordinal(int device) {
                                           << (err != cudaSuccess ? std::string(" (") + cudaGetErrorName(err) +
                                                                        ": " + cudaGetErrorString(err) + ")"
                                                                  : std::string()));
+}
+
+const char* memory_type_name(cudaMemoryType type) {
+    switch (type) {
+        case cudaMemoryTypeUnregistered: return "unregistered host memory (pageable)";
+        case cudaMemoryTypeHost: return "pinned host memory";
+        case cudaMemoryTypeDevice: return "device memory";
+        case cudaMemoryTypeManaged: return "managed memory";
+    }
+    return "unknown memory type";
 }
 
 __global__ void fill_iota_u32_kernel(std::uint32_t* __restrict__ out, std::int64_t n) {
@@ -124,14 +113,28 @@ void fill_iota_u32(std::uintptr_t ptr, std::int64_t n, std::uintptr_t stream) {
                                                                        << " is not 4-byte aligned");
     DF_CHECK(n <= (std::int64_t{1} << 32), "fill_iota_u32: n = " << n << " exceeds 2**32 (values are uint32)");
 
-    // Reject host/unregistered memory with a clear message instead of an illegal-address fault later, and
-    // launch on the pointer's own device.
+    // Only device memory of the current device is accepted. cudaPointerGetAttributes also answers for host
+    // memory: pinned (cudaMemoryTypeHost), managed (cudaMemoryTypeManaged) and pageable (Unregistered). On
+    // drivers with HMM / ATS pageable host memory is reachable from the GPU, so a launch on it may "work" or
+    // fault depending on the machine; and a pointer of another device would need that device's stream. So all
+    // of these are refused with ValueError before any launch, whatever the driver says about accessibility.
     cudaPointerAttributes attr{};
-    DF_CUDA_CHECK(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)));
-    DF_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
-             "fill_iota_u32: ptr 0x" << std::hex << ptr << std::dec << " is not CUDA device or managed memory"
-                                     << " (cudaMemoryType " << static_cast<int>(attr.type) << ")");
-    DeviceGuard guard(attr.device);
+    const cudaError_t perr = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
+    if (perr != cudaSuccess) {
+        (void)cudaGetLastError();  // older runtimes report unregistered host pointers as cudaErrorInvalidValue
+    }
+    int current = -1;
+    DF_CUDA_CHECK(cudaGetDevice(&current));
+    DF_CHECK(perr == cudaSuccess && attr.type == cudaMemoryTypeDevice,
+             "fill_iota_u32: ptr 0x" << std::hex << ptr << std::dec
+                                     << " is not CUDA device memory of the current device (cudaMemoryType "
+                                     << (perr == cudaSuccess ? static_cast<int>(attr.type) : -1) << ": "
+                                     << memory_type_name(perr == cudaSuccess ? attr.type : cudaMemoryTypeUnregistered)
+                                     << ")");
+    DF_CHECK(attr.device == current,
+             "fill_iota_u32: ptr 0x" << std::hex << ptr << std::dec << " is device memory of device " << attr.device
+                                     << ", not of the current device " << current
+                                     << "; make that device current (torch.cuda.device) and pass its stream");
 
     constexpr int kThreads = 256;
     constexpr std::int64_t kMaxBlocks = std::int64_t{1} << 16;  // grid-stride loop covers the rest
