@@ -155,14 +155,17 @@ def _fwd_torch(x, pos, cu, total, h_step, sample_offset, mask_dtype):
     patches = torch.arange(L, dtype=torch.int64, device=x.device)
     ids_shuffle = torch.argsort((hash32(hs ^ patches[None, :]) << 20) | patches[None, :], dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    k = (cu[1:] - cu[:-1]).to(torch.int64)
-    sel = patches[None, :] < k[:, None]
-    ids_keep = ids_shuffle[sel]
+    cu64 = cu.to(torch.int64)
+    k = cu64[1:] - cu64[:-1]
     mask = (ids_restore >= k[:, None]).to(mask_dtype)
+    # packed row t belongs to sample rows[t] at rank t - cu[rows[t]]: index arithmetic, no boolean
+    # indexing (that would be a nonzero(), a host sync on CUDA)
+    t = torch.arange(total, device=x.device)
+    rows = torch.searchsorted(cu64[1:], t, right=True)
+    ids_keep = ids_shuffle[rows, t - cu64[rows]]
     if D == 0:
         return x.new_empty(total, 0), mask, ids_restore, ids_keep
     src = x + pos[None] if pos is not None else x
-    rows = torch.repeat_interleave(torch.arange(B, device=x.device), k, output_size=total)
     return src[rows, ids_keep], mask, ids_restore, ids_keep
 
 
