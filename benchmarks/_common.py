@@ -86,6 +86,11 @@ def _num(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
+def _ms(x: float) -> str:
+    """Four decimals, or four significant digits below 1 ms (microsecond kernels keep their precision)."""
+    return f"{x:.4f}" if abs(x) >= 1 else f"{x:.4g}"
+
+
 def row(bench: str, workload: str, shape: str, dtype, impl: str, pass_: str, timing: dict | None = None, *,
         flops: float | None = None, bytes_: float | None = None, peak: float | None = None,
         status: str = "ok", note: str = "", extra: dict | None = None) -> dict:
@@ -98,7 +103,7 @@ def row(bench: str, workload: str, shape: str, dtype, impl: str, pass_: str, tim
              status=status, note=note)
     r["pass"] = pass_
     if timing:
-        r.update({k: f"{v:.4f}" for k, v in timing.items() if k in ("median_ms", "p20_ms", "p80_ms")})
+        r.update({k: _ms(v) for k, v in timing.items() if k in ("median_ms", "p20_ms", "p80_ms")})
         ms = timing["median_ms"]
         if flops:
             r["tflops"] = _num(flops / ms / 1e9)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import gc
 import os
 import re
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -50,7 +49,7 @@ from dermfast.models.mae import MaskedAutoencoderViT, get_preset, sincos_pos_emb
 BENCH = "mae_step"
 VARIANTS = ("official", "official+compile", "dermfast", "dermfast+compile", "dermfast+compile+cudagraphs",
             "dermfast+dali")
-DEFAULT_VARIANTS = VARIANTS[:5]
+DEFAULT_VARIANTS = ("official", "dermfast", "dermfast+compile", "official+compile", "dermfast+compile+cudagraphs")
 GPU_BATCHES = {"vit_b16": (1024, 512, 256, 128, 64), "vit_l16": (512, 256, 128, 64, 32),
                "vit_h14": (512, 256, 128, 64, 32)}
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s; first matching name wins.
@@ -118,7 +117,7 @@ class OfficialMAE(nn.Module):
         x = imgs.reshape(n, imgs.shape[1], h, p, w, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * w, p * p * imgs.shape[1])
 
-    def forward(self, imgs, **_):
+    def forward(self, imgs):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         with torch.profiler.record_function("masking"):
             x, mask, ids_restore = self.random_masking(x, self.ratio)
@@ -243,6 +242,7 @@ class Case:
         self.variant, self.cfg, self.device = variant, cfg, device
         self.gpu = device.type == "cuda"
         self.loader = None
+        self.official = variant.startswith("official")
         with device:
             self.model = (OfficialMAE(cfg) if variant.startswith("official") else MaskedAutoencoderViT(cfg)).to(device)
         lr = cfg.blr
@@ -283,8 +283,8 @@ class Case:
     def step(self, imgs: torch.Tensor, i: int) -> None:
         if self.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        with self.autocast():
-            loss = self.forward(imgs, seed=0, step=i)[0]
+        with self.autocast():  # dermfast's masks are keyed by (seed, step); the official recipe draws torch.rand
+            loss = (self.forward(imgs) if self.official else self.forward(imgs, seed=0, step=i))[0]
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -402,7 +402,31 @@ def _env_list(name: str, default):
     return [s.strip() for s in raw.split(",") if s.strip()] if raw else list(default)
 
 
+def cases(presets: list[str], variants: list[str]) -> list[tuple[str, str]]:
+    """Run order, most telling first, so a time budget cuts the least: every eager variant on every preset, then
+    the compiled ones (each starts from the batch its eager form fitted)."""
+    eager = [(p, v) for v in variants if "+compile" not in v for p in presets]
+    return eager + [(p, v) for p in presets for v in variants if "+compile" in v]
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, from torch._dynamo's counters."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
 def run(quick: bool = False) -> list[dict]:
+    rows: list[dict] = []
+    try:
+        _run(quick, rows)
+    except BaseException as e:  # interrupted (the harness's SIGTERM, Ctrl-C): hand back what was measured
+        e.partial_rows = rows
+        raise
+    _fill_throughput_ratios(rows)
+    return rows
+
+
+def _run(quick: bool, rows: list[dict]) -> None:
     gpu = on_gpu()
     device = torch.device("cuda" if gpu else "cpu")
     presets = _env_list("DERMFAST_BENCH_MAE_PRESETS", (["vit_b16"] if quick else ["vit_h14", "vit_l16", "vit_b16"])
@@ -420,62 +444,65 @@ def run(quick: bool = False) -> list[dict]:
     dtype = "bf16-autocast" if gpu else "float32"
     ds = datasheet_peak(torch.cuda.get_device_name()) if gpu else None
     start = time.perf_counter()
-    rows = []
-    for preset in presets:
+    fpi = {p: flops_per_image(get_preset(p)) for p in presets}
+    fitted: dict[tuple[str, str], int] = {}
+    for preset, variant in cases(presets, variants):
         cfg = get_preset(preset)
-        fpi = flops_per_image(cfg)
-        fitted: dict[str, int] = {}
-        for variant in variants:
-            eager = variant.split("+")[0]
-            if not gpu:
-                cands = [2]
-            else:
-                cands = batches_env or ([64] if quick else list(GPU_BATCHES.get(preset, (256, 128, 64, 32))))
-            if variant != eager and eager in fitted:  # compiled: start where its eager form fitted
-                cands = [b for b in cands if b <= fitted[eager]] or cands[-1:]
-            workload, shape = f"mae step {preset}", f"{cfg.in_chans}x{cfg.img_size}x{cfg.img_size}/p{cfg.patch_size}"
-            if variant == "dermfast+compile+cudagraphs" and not gpu:
-                rows.append(absent(BENCH, workload, shape, dtype, variant, "step", "needs a CUDA GPU"))
+        eager = variant.split("+compile")[0]
+        if not gpu:
+            cands = [2]
+        else:
+            cands = batches_env or ([64] if quick else list(GPU_BATCHES.get(preset, (256, 128, 64, 32))))
+        if variant != eager and (preset, eager) in fitted:  # compiled: start where its eager form fitted
+            cands = [b for b in cands if b <= fitted[preset, eager]] or cands[-1:]
+        workload, shape = f"mae step {preset}", f"{cfg.in_chans}x{cfg.img_size}x{cfg.img_size}/p{cfg.patch_size}"
+        if variant == "dermfast+compile+cudagraphs" and not gpu:
+            rows.append(absent(BENCH, workload, shape, dtype, variant, "step", "needs a CUDA GPU"))
+            continue
+        if variant == "dermfast+dali":
+            from dermfast import _optional
+            if not _optional.HAS_DALI:
+                rows.append(absent(BENCH, workload, shape, dtype, variant, "step", _optional.DALI_REASON))
                 continue
-            if variant == "dermfast+dali":
-                from dermfast import _optional
-                if not _optional.HAS_DALI:
-                    rows.append(absent(BENCH, workload, shape, dtype, variant, "step", _optional.DALI_REASON))
-                    continue
-            if budget and time.perf_counter() - start > budget:
-                rows.append(row(BENCH, workload, shape, dtype, variant, "step",
-                                status=f"skipped: past the {budget:.0f} s budget (DERMFAST_BENCH_MAE_BUDGET_S)"))
-                continue
-            t = time.perf_counter()
-            try:
-                warmup = (4 if "+compile" in variant else 3) if gpu else (2 if "+compile" in variant else 1)
-                b, res, why = run_variant(variant, preset, cands, steps, warmup, profile_steps, device)
-            except Exception as e:  # noqa: BLE001  (one variant failing must not hide the others)
-                rows.append(error_row(BENCH, f"{type(e).__name__}: {e}", workload=workload, shape=shape,
-                                      dtype=dtype, impl=variant, pass_="step"))
-                _free()
-                continue
-            if res is None:
-                rows.append(error_row(BENCH, why, workload=workload, shape=shape, dtype=dtype, impl=variant,
-                                      pass_="step"))
-                continue
-            fitted[variant] = b
-            med = res["timing"]["median_ms"]
-            tflops = fpi * b / med / 1e9
-            extra = {"batch": b, "images_per_s": f"{b / med * 1e3:.1f}", "gflops_per_image": f"{fpi / 1e9:.1f}",
-                     "optimizer": res["optimizer"], "compile": res["compile"],
-                     "warmup_s": f"{res['warm_s']:.1f}", "wall_s": f"{time.perf_counter() - t:.1f}",
-                     "breakdown_ms": ";".join(f"{k}={v:.3f}" for k, v in res["breakdown"].items()),
-                     "datasheet": f"{ds[0]} {ds[1]}" if ds else ""}
-            if gpu:
-                kernel_ms = sum(res["breakdown"].values())
-                extra["breakdown_ms"] += f";host/idle={max(0.0, med - kernel_ms):.3f}"
-                extra["mfu_datasheet"] = f"{tflops / ds[1]:.3f}" if ds else "n/a: no datasheet entry"
-            rows.append(row(BENCH, workload, f"b{b} {shape}", dtype, variant, "step", res["timing"],
-                            flops=fpi * b, peak=res["peak"], extra=extra,
-                            note="" if gpu else "CPU: not a performance result"))
-    _fill_throughput_ratios(rows)
-    return rows
+        if budget and time.perf_counter() - start > budget:
+            rows.append(row(BENCH, workload, shape, dtype, variant, "step",
+                            status=f"skipped: past the {budget:.0f} s budget (DERMFAST_BENCH_MAE_BUDGET_S)"))
+            continue
+        print(f"  mae_step: {preset} {variant} (batches {cands}) ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        graphs0, breaks0 = _dynamo_counts()
+        try:
+            warmup = (4 if "+compile" in variant else 3) if gpu else (2 if "+compile" in variant else 1)
+            b, res, why = run_variant(variant, preset, cands, steps, warmup, profile_steps, device)
+        except Exception as e:  # noqa: BLE001  (one variant failing must not hide the others)
+            rows.append(error_row(BENCH, f"{type(e).__name__}: {e}", workload=workload, shape=shape,
+                                  dtype=dtype, impl=variant, pass_="step"))
+            _free()
+            continue
+        finally:
+            graphs1, breaks1 = _dynamo_counts()
+            if "+compile" in variant:
+                torch._dynamo.reset()  # the next model must not count against this one's recompile limit
+        if res is None:
+            rows.append(error_row(BENCH, why, workload=workload, shape=shape, dtype=dtype, impl=variant,
+                                  pass_="step"))
+            continue
+        fitted[preset, variant] = b
+        med = res["timing"]["median_ms"]
+        tflops = fpi[preset] * b / med / 1e9
+        extra = {"batch": b, "images_per_s": f"{b / med * 1e3:.1f}", "gflops_per_image": f"{fpi[preset] / 1e9:.2f}",
+                 "optimizer": res["optimizer"], "compile": res["compile"],
+                 "dynamo_graphs": graphs1 - graphs0, "graph_breaks": breaks1 - breaks0,
+                 "warmup_s": f"{res['warm_s']:.1f}", "wall_s": f"{time.perf_counter() - t:.1f}",
+                 "breakdown_ms": ";".join(f"{k}={v:.3f}" for k, v in res["breakdown"].items()),
+                 "datasheet": f"{ds[0]} {ds[1]}" if ds else ""}
+        if gpu:
+            kernel_ms = sum(res["breakdown"].values())
+            extra["breakdown_ms"] += f";host/idle={max(0.0, med - kernel_ms):.3f}"
+            extra["mfu_datasheet"] = f"{tflops / ds[1]:.3f}" if ds else "n/a: no datasheet entry"
+        rows.append(row(BENCH, workload, f"b{b} {shape}", dtype, variant, "step", res["timing"],
+                        flops=fpi[preset] * b, peak=res["peak"], extra=extra,
+                        note="" if gpu else "CPU: not a performance result"))
 
 
 def _fill_throughput_ratios(rows: list[dict]) -> None:
@@ -493,7 +520,8 @@ def _fill_throughput_ratios(rows: list[dict]) -> None:
 
 def summary(rows: list[dict]) -> str:
     """Markdown: img/s, MFU (measured ceiling and datasheet), memory, and the breakdown in % of the step."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("images_per_s")]
+    ok = sorted((r for r in rows if r.get("status") == "ok" and r.get("images_per_s")),
+                key=lambda r: (r["workload"], VARIANTS.index(r["impl"]) if r["impl"] in VARIANTS else 99))
     out = ["## MAE step (fwd + bwd + AdamW)", ""]
     if not on_gpu():
         out += ["CPU run: proves the benchmark works; not a performance result.", ""]

@@ -1,12 +1,18 @@
 """`python -m dermfast.bench`: every benchmarks/bench_<name>.py in one run, one table, one results file.
 
     python -m dermfast.bench [--quick] [--only NAME ...] [--out FILE] [--list] [--dir DIR] [--no-ceilings]
+                             [--budget-s S]
 
 Order of a run: the two ceilings first (benchmarks/bench_ceilings.py: bf16 matmul 8192^3 and a 2 GiB device
 copy, on the device present), then each module's `run(quick)`. Every row is then read against its best peer
 (`ratio_to_best_peer`) and against the measured ceiling (`frac_of_ceiling`). A module that fails to import,
 raises, or returns malformed rows becomes an error row and the others still run; the exit status is 1 when any
 row is an error. A file without `run` is listed as skipped (it is a standalone script, not a harness bench).
+Op benches run in name order, the end-to-end ones (loader, mae_step) last.
+
+Time limits: `--budget-s` starts no module past that many seconds (the rest are listed as skipped); SIGTERM
+(what `timeout` sends) stops the run but still writes every row measured so far, including the rows a
+module's run() had measured when it was interrupted, if it attached them to the exception as `partial_rows`.
 
 Results: benchmarks/results/<device>-<date>.csv (or --out), each row with the device, driver, torch / Triton /
 CUDA versions and git commit (`_common.environment`), and a markdown summary beside it (same name, .md): the
@@ -122,6 +128,12 @@ def _check_rows(rows, common: ModuleType) -> str | None:
     return None
 
 
+def _partial(e: BaseException, common: ModuleType) -> list[dict]:
+    """Rows a run() measured before it was interrupted, if it attached them as `e.partial_rows`."""
+    rows = getattr(e, "partial_rows", None)
+    return rows if rows and _check_rows(rows, common) is None else []
+
+
 def _free_device() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -149,7 +161,7 @@ def run_module(name: str, path: Path, quick: bool, common: ModuleType) -> tuple[
         if isinstance(e, (KeyboardInterrupt, Stopped)):
             raise
         traceback.print_exc()
-        return [common.error_row(bench, f"run() raised {_why(e)}")], mod
+        return _partial(e, common) + [common.error_row(bench, f"run() raised {_why(e)}")], mod
     finally:
         _free_device()
     bad = _check_rows(rows, common)
@@ -245,7 +257,11 @@ def _run_all(args, found: dict[str, Path], names: list[str], common: ModuleType,
                 break
             print(f"running {name} ...", file=sys.stderr, flush=True)
             t = time.perf_counter()
-            got, mod = run_module(name, found[name], args.quick, common)
+            try:
+                got, mod = run_module(name, found[name], args.quick, common)
+            except Stopped as e:
+                e.bench = name
+                raise
             print(f"  {name}: {len(got)} rows in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
             rows += got
             if mod is not None:
@@ -253,8 +269,13 @@ def _run_all(args, found: dict[str, Path], names: list[str], common: ModuleType,
     except Stopped as e:
         stopped = f"stopped by {e} while running; rows measured so far were kept"
         print(f"dermfast.bench: {stopped}", file=sys.stderr, flush=True)
+        rows += _partial(e, common)
         done = {r["bench"] for r in rows}
-        rows += [common.error_row(n, stopped) for n in names if n not in done]
+        for n in names:
+            if n == getattr(e, "bench", None):
+                rows.append(common.error_row(n, stopped))
+            elif n not in done:
+                rows.append(common.row(n, "", "", "", "", "", status="skipped: the run was stopped before it"))
     for r in rows:
         r["mode"] = "quick" if args.quick else "full"
     rows = common.fill_ceiling_fracs(common.fill_ratios(rows), ceilings)

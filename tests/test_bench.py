@@ -221,7 +221,8 @@ def test_datasheet_peaks(mae_step):
 def test_mae_step_quick_real_run(tmp_path, monkeypatch, capsys):
     """The real benchmark, --quick: demo preset, batch 2, one timed step per variant, the breakdown filled."""
     gpu = torch.cuda.is_available()
-    monkeypatch.setenv("DERMFAST_BENCH_MAE_VARIANTS", "official,dermfast" + ("" if gpu else ",dermfast+compile+cudagraphs"))
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_VARIANTS",
+                       "official,dermfast" + ("" if gpu else ",dermfast+compile+cudagraphs"))
     monkeypatch.setenv("DERMFAST_BENCH_MAE_PRESETS", "demo")
     monkeypatch.setenv("DERMFAST_BENCH_MAE_BATCHES", "2")
     monkeypatch.setenv("DERMFAST_BENCH_MAE_STEPS", "1")
@@ -250,21 +251,36 @@ import signal
 import time
 
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import row
+
+
 def run(quick=False):
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(5)
-    return []
+    rows = [row("zz_stopped", "w", "s", "float32", "torch", "fwd", {"median_ms": 1.0})]
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except BaseException as e:
+        e.partial_rows = rows
+        raise
+    return rows
 '''
 
 
 def test_sigterm_still_writes_results(fake_dir, tmp_path):
     (fake_dir / "bench_zz_stopped.py").write_text(textwrap.dedent(SIGTERM_SELF))
+    (fake_dir / "bench_zzz_later.py").write_text(textwrap.dedent(GOOD))
     out = tmp_path / "stopped.csv"
-    assert bench.main(["--dir", str(fake_dir), "--quick", "--only", "good", "zz_stopped", "--no-ceilings",
-                       "--out", str(out)]) == 1
+    assert bench.main(["--dir", str(fake_dir), "--quick", "--only", "good", "zz_stopped", "zzz_later",
+                       "--no-ceilings", "--out", str(out)]) == 1
     rows = by_bench(read(out))
     assert [r["status"] for r in rows["good"]][:2] == ["ok", "ok"]  # measured before the signal: kept
-    assert rows["zz_stopped"][0]["status"].startswith("error: stopped by signal")
+    stopped = {r["status"][:24] for r in rows["zz_stopped"]}
+    assert stopped == {"ok", "error: stopped by signal"}  # its measured row kept, and the stop reported
+    assert rows["zzz_later"][0]["status"] == "skipped: the run was stopped before it"
 
 
 def test_budget_skips_the_rest(fake_dir, tmp_path):
