@@ -86,7 +86,7 @@ def _ranges(CU, SEG, LENS, b, start, offs, n_pos, BLOCK: tl.constexpr, PACKED: t
         ok = offs < n
         p_lo = tl.zeros([BLOCK], dtype=tl.int32)
         p_hi = p_lo + n
-        lo = 0
+        lo = tl.full([], 0, dtype=tl.int32)
         hi = tl.where(start < n, n, 0)
     return ok, p_lo, p_hi, lo, hi
 

@@ -339,6 +339,42 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(gq, torch.autograd.grad(want, q)[0])
 
 
+_COMPILE_SM90 = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as triton_compile
+from dermfast.kernels import masked_attention as kern
+ptrs = {n: "*bf16" for n in "Q K V O DO DQ DK DV".split()}
+ptrs.update(LSE="*fp32", DELTA="*fp32", DLSE="*fp32", CU="*i32", SEG="*i32", LENS="*i32")
+def build(fn, consts, **opts):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if "scale" in n else "i32")
+           for n in fn.arg_names}
+    return triton_compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options=opts)
+for packed in (True, False):
+    base = dict(D0=64, D1=16, PACKED=packed, HAS_LENS=not packed, PREC="ieee")
+    fwd = build(kern._fwd_kernel, dict(base, BLOCK_M=128, BLOCK_N=64), num_warps=4, num_stages=3)
+    bwd = build(kern._bwd_kernel, dict(base, BLOCK_MAJOR=64, BLOCK_MINOR=32), num_warps=4, num_stages=2)
+    assert "cubin" in fwd.asm and "cubin" in bwd.asm
+assert "cubin" in build(kern._delta_kernel, dict(D0=64, D1=16, BLOCK=64, HAS_DLSE=True)).asm
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Lower the kernels to a cubin for sm_90 (no GPU needed): the interpreter never runs Triton's compiler,
+    so lowering errors (types across constexpr branches, dot shapes, shared memory) would otherwise only show
+    on a GPU. Head dim 80 (64 + 16 split), bf16, both layouts. A subprocess, because this process runs with
+    TRITON_INTERPRET=1 (its kernels are interpreted functions)."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 
