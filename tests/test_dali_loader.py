@@ -237,6 +237,57 @@ def test_gpu_pipeline(records):
     assert img.dtype == torch.bfloat16 and img.is_cuda and img.shape[1:] == (3, SIZE, SIZE)
 
 
+@pytest.mark.gpu
+def test_gpu_train_matches_the_cpu_pipeline_and_resumes_exactly(records):
+    # Same seed: the same windows, flips and jitter factors on both pipelines (host-drawn); the GPU graph's
+    # contrast runs as DALI arithmetic on the GPU (no .cpu()), so this also checks that graph against the CPU one.
+    def gpu(**kw):
+        return DaliLoader(records, TRAIN_AUG, 6, train=True, device="gpu", device_id=0, num_threads=2,
+                          sampler=_balanced(records), seed=5, **kw)
+
+    loader = gpu()
+    epochs = [_cat(_epoch(loader), "image") for _ in range(3)]
+    assert loader.builds == 1
+    cpu = _cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5)
+    for e in range(3):
+        assert (epochs[e].cpu() - _cat(_epoch(cpu), "image")).abs().mean() < 0.15, e
+    again = gpu()
+    assert torch.equal(_cat(_epoch(again), "image"), epochs[0])  # a fresh loader: bit-identical batches
+    part = gpu()
+    part.set_epoch(1)
+    next(iter(part))
+    resumed = gpu()
+    resumed.load_state_dict(part.state_dict())
+    assert torch.equal(_cat(_epoch(resumed), "image"), epochs[1][6:])
+    half = _cat(_epoch(gpu(output_dtype=torch.bfloat16)), "image")
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - epochs[0]).abs().max() <= 0.02 * epochs[0].abs().max()
+
+
+@pytest.mark.gpu
+def test_parallel_source_after_cuda_is_initialised(records):
+    torch.zeros(1, device="cuda")  # CUDA initialised in this process: DALI could not fork its workers now
+    assert torch.cuda.is_initialized()
+    for device in ("gpu", "cpu"):
+        kw = {"train": True, "seed": 2, "device": device, "num_threads": 2, "sampler": _balanced(records)}
+        ref = _cat(_epoch(DaliLoader(records, TRAIN_AUG, 6, parallel=False, **kw)), "image")
+        kw["sampler"] = _balanced(records)
+        par = DaliLoader(records, TRAIN_AUG, 6, parallel=True, py_workers=2, **kw)
+        assert par.py_start_method == "spawn"
+        assert torch.equal(_cat(_epoch(par), "image"), ref), device
+    with pytest.raises(ValueError, match="fork"):
+        DaliLoader(records, TRAIN_AUG, 6, train=True, device="cpu", parallel=True, py_start_method="fork")
+
+
+@pytest.mark.gpu
+def test_cuda_without_an_index_decodes_on_the_current_device(records):
+    from dermfast.data.loader import build_loader
+    last = torch.cuda.device_count() - 1
+    with torch.cuda.device(last):
+        loader = build_loader(records, EVAL_AUG, 8, train=False, loader="dali-gpu", device="cuda", workers=2)
+        assert _epoch(loader)[0]["image"].device == torch.device("cuda", last)
+
+
 # --- built once; order from the sampler; exact, pure-function augmentation; resume ------------------------------
 
 
