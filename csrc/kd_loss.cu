@@ -135,6 +135,7 @@ __device__ __forceinline__ float row_terms(const TS* srow, const TT* trow, TG* g
                                            float log_st, float coef, std::int64_t y, bool has_target,
                                            bool invalid, float inv_t, float kd_grad_scale) {
     float kl = 0.f;
+    const float inv_sum_r = 1.f / st.sum_r;
     for (std::int64_t j = first; j < c; j += step) {
         const float s = to_float(srow[j]);
         const float t = to_float(trow[j]);
@@ -144,7 +145,7 @@ __device__ __forceinline__ float row_terms(const TS* srow, const TT* trow, TG* g
         kl += p * (log_p - log_q);
         if (grow != nullptr) {
             float g = kd_grad_scale * (__expf(log_q) - p);
-            if (has_target) g += coef * (__expf(s - st.m_s) / st.sum_r - (j == y ? 1.f : 0.f));
+            if (has_target) g += coef * (__expf(s - st.m_s) * inv_sum_r - (j == y ? 1.f : 0.f));
             grow[j] = from_float<TG>(invalid ? NAN : g);
         }
     }

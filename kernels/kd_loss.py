@@ -88,7 +88,7 @@ def _chunk_terms(s, t, c, cm, y, m_s, m_t, log_sq, log_st, sum_r, inv_t, kd_grad
     kl = tl.sum(p * diff, axis=1)
     g = kd_grad_scale * (q - p)
     if HAS_TARGET:
-        r = tl.exp(s - m_s[:, None]) / sum_r[:, None]
+        r = tl.exp(s - m_s[:, None]) * (1.0 / sum_r)[:, None]
         onehot = tl.where(c[None, :] == y[:, None], 1.0, 0.0)
         g += coef[:, None] * (r - onehot)
     return kl, g

@@ -4,6 +4,9 @@ input, the custom op (opcheck, torch.compile), and GPU checks (bf16, big C, the 
 Triton runs under the interpreter on CPU (tests/conftest.py); its shapes stay small.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -269,6 +272,9 @@ def test_torch_compile_fullgraph_matches_eager(compile_backend):
 # ---------------------------------------------------------------------------------------------------------
 
 
+GPU_GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
 def gpu_backends():
     out = ["triton"]
     if _optional.HAS_CUDA_EXT:
@@ -293,7 +299,9 @@ def test_gpu_matches_float64_reference(backend, dtype, case, N, C):
         # fp32 math on the rounded inputs, but with the GPU's approximate exp/log and long reductions: a looser
         # loss tolerance than on the CPU (fp16's table entry); the gradient carries its dtype's rounding.
         assert_close(got, want, torch.float16, "loss")
-        assert_close(got_g, want_g, dtype if dtype != torch.float32 else torch.float16, "grad")
+        # gradients shrink like 1/N: compare against the largest entry, not element-wise with a fixed atol
+        err = (got_g.double() - want_g).abs().max()
+        assert err <= GPU_GRAD_RTOL[dtype] * want_g.abs().max(), f"grad: max err {err:.3g}"
 
 
 @nan_math
@@ -319,3 +327,38 @@ def test_cuda_binding_rejects_bad_arguments_before_touching_the_device():
                        (dict(w=8), "need a target"), (dict(inv_t=0.0), "inv_t"), (dict(s=0), "null")]:
         with pytest.raises(ValueError, match=match):
             ext.kd_loss_fwd(**{**base, **bad})
+
+
+_AOT_SCRIPT = r'''
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dermfast.kernels import kd_loss as k
+for sdt, gdt, one_pass, rows, block, flags in [
+        ("fp32", "fp32", True, 64, 16, (True, True, True, True)), ("fp16", "fp32", True, 2, 1024, (True, False, False, True)),
+        ("bf16", "bf16", False, 1, 4096, (True, True, True, True)), ("bf16", "bf16", False, 1, 4096, (False, False, False, False))]:
+    sig = {"s_ptr": f"*{sdt}", "t_ptr": f"*{sdt}", "y_ptr": "*i64", "w_ptr": "*fp32", "wsum_ptr": "*fp32",
+           "loss_ptr": "*fp32", "g_ptr": f"*{gdt}", "N": "i32", "C": "i32", "stride_s": "i32", "stride_t": "i32",
+           "stride_g": "i32", "inv_t": "fp32", "kd_loss_scale": "fp32", "kd_grad_scale": "fp32", "ce_scale": "fp32"}
+    names = ("HAS_TARGET", "HAS_WEIGHT", "NORM_BY_WSUM", "WRITE_GRAD")
+    const = {**dict(zip(names, flags)), "ONE_PASS": one_pass, "ROWS": rows, "BLOCK_C": block}
+    sig.update({name: "constexpr" for name in const})
+    ck = triton.compile(ASTSource(fn=k._kd_loss_fwd_kernel, signature=sig, constexprs=const),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 if rows * block <= 2048 else 8})
+    assert ck.asm["cubin"], "no cubin"
+print("ok")
+'''
+
+
+@needs_triton
+def test_triton_kernel_compiles_for_sm90_without_a_gpu():
+    """The interpreter never compiles the kernel; this does (Triton's own ptxas, no GPU needed), so type errors
+    in the compiled path fail here rather than on the first GPU run."""
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
