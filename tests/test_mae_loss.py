@@ -349,6 +349,9 @@ def test_torch_compile_fullgraph(backend):
 # ------------------------------------------------------------------------------------------- GPU
 
 
+# fp32 accumulation of up to ~10^7 terms with the GPU's approximate sqrt: looser than the interpreter's exact fp32,
+# still 17x tighter than the biased-variance error (1 / (P - 1) = 1.7e-3 at P = 588).
+GPU_LOSS_RTOL = 1e-4
 GPU_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_EXT_OK,
                                                                         reason="dermfast._C lacks mae_loss"))]
 
@@ -364,7 +367,7 @@ def test_gpu_vit_h_shapes_bf16(backend, imgs_dtype, norm_pix):
     mask = mask.to(torch.bfloat16)  # the model's mask has x's dtype: bf16 under autocast
     loss, g, _ = run(imgs, pred, mask, p, norm_pix, backend)
     want_loss, want_grad, _ = reference64(imgs, pred, mask, p, norm_pix)
-    assert_close(loss, want_loss, torch.float32 if imgs_dtype == torch.float32 else torch.float16, "loss")
+    torch.testing.assert_close(loss.double(), want_loss, rtol=GPU_LOSS_RTOL, atol=0)
     assert g.dtype == torch.bfloat16
     assert_close(g, want_grad, torch.bfloat16, "grad")
     assert torch.all(g[mask == 0] == 0)
@@ -378,7 +381,7 @@ def test_gpu_kernels_match_float64_reference(backend, dtype, B, C, H, W, p):
     imgs, pred, mask = inputs(B, C, H, W, p, dtype, "cuda")
     loss, g, _ = run(imgs, pred, mask, p, True, backend)
     want_loss, want_grad, _ = reference64(imgs, pred, mask, p, True)
-    assert_close(loss, want_loss, torch.float32, "loss")
+    torch.testing.assert_close(loss.double(), want_loss, rtol=GPU_LOSS_RTOL, atol=0)
     assert_close(g, want_grad, dtype, "grad")
 
 
