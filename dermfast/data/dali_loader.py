@@ -410,6 +410,18 @@ class DaliLoader:
         kw = {k: p[k] for k in ("saturation", "hue") if k in p}  # hue in degrees (converted by the source)
         return fn.hsv(img, **kw) if kw else img
 
+    def _build_pipeline(self) -> None:
+        try:
+            self._pipe.build()  # starts the parallel source's worker processes
+        except RuntimeError as e:
+            if self.parallel and "initialization failed" in str(e).lower():
+                raise RuntimeError(
+                    f"DaliLoader: DALI's reader processes ({self.py_start_method}) did not start. With 'spawn' "
+                    "they import the main module again: a script that builds the loader needs an "
+                    "`if __name__ == '__main__':` guard, and the records' store must be picklable. "
+                    "Or pass parallel=False.") from e
+            raise
+
     def _release(self) -> None:
         # Dropping the last reference frees DALI's pipeline and stops its Python workers.
         self._pipe, self._j_plan, self._j_taken = None, None, 0
@@ -446,7 +458,7 @@ class DaliLoader:
             if self._pipe is None:
                 self._build()
                 self._start_dali_epoch(0, want)
-                self._pipe.build()
+                self._build_pipeline()
             elif self._j_plan != want or self._j_taken:
                 # The pipeline is prefetching another plan (the default next epoch), or an epoch was left early.
                 self._table.write(self._j + 1, *want)
