@@ -281,6 +281,15 @@ def test_bad_input_errors():
         masked_attention(q.double(), k.double(), v.double(), cu_seqlens=cu, backend="triton")
 
 
+def test_index_lists_are_accepted():
+    q, k, v = packed_qkv([3, 4], 1, 16, torch.float32)
+    torch.testing.assert_close(masked_attention(q, k, v, cu_seqlens=[0, 3, 7]),
+                               masked_attention(q, k, v, cu_seqlens=cu_of([3, 4])))
+    qp, kp, vp = padded_qkv(2, 1, 5, 16, torch.float32)
+    torch.testing.assert_close(masked_attention(qp, kp, vp, lengths=[5, 2]),
+                               masked_attention(qp, kp, vp, lengths=torch.tensor([5, 2])))
+
+
 def test_value_check_remembered_and_redone_after_mutation():
     q, k, v = packed_qkv([3, 4], 1, 16, torch.float32)
     cu = cu_of([3, 4])
@@ -307,13 +316,15 @@ def test_automatic_dispatch_falls_back_with_reasons():
 
 
 def test_opcheck_torch_backend():
-    for args in (
-        (*packed_qkv([2, 0, 5], 2, 16, torch.float32), cu_of([2, 0, 5]), None, None, None, "torch"),
-        (*padded_qkv(2, 2, 6, 16, torch.float32), None, None, torch.tensor([6, 3]), 0.3, "torch"),
+    fast = ("test_schema", "test_autograd_registration", "test_faketensor")  # aot_dispatch: once, it is slow
+    for args, utils in (
+        ((*packed_qkv([2, 0, 5], 2, 16, torch.float32), cu_of([2, 0, 5]), None, None, None, "torch"), None),
+        ((*padded_qkv(2, 2, 6, 16, torch.float32), None, None, torch.tensor([6, 3]), 0.3, "torch"), fast),
     ):
         q, k, v, *rest = args
         q, k, v = (x.detach().contiguous().requires_grad_() for x in (q, k, v))
-        torch.library.opcheck(torch.ops.dermfast.masked_attention.default, (q, k, v, *rest))
+        kw = {} if utils is None else {"test_utils": utils}
+        torch.library.opcheck(torch.ops.dermfast.masked_attention.default, (q, k, v, *rest), **kw)
 
 
 def test_opcheck_triton_backend():

@@ -54,6 +54,15 @@ def _check_index_tensor(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
         raise ValueError(f"masked_attention: {name} is on {t.device} but q is on {q.device}")
 
 
+def as_index(x, q: torch.Tensor):
+    """A list / tuple of ints becomes an int32 tensor on q's device; tensors and None pass through."""
+    if isinstance(x, (list, tuple)):
+        if not all(isinstance(i, int) for i in x):
+            raise ValueError(f"masked_attention: index lists must hold ints, got {x!r}")
+        return torch.tensor(x, dtype=torch.int32, device=q.device)
+    return x
+
+
 def _already_checked(t: torch.Tensor, key: tuple) -> bool:
     return getattr(t, _CHECKED_ATTR, None) == (t._version, *key)
 
@@ -213,6 +222,7 @@ def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     Packed inputs are scattered into a zero-padded [B, H, max_len, Dh] batch (max_len = max_seqlen, else the
     longest segment, read from the device) and attended with a key mask.
     """
+    cu_seqlens, lengths = as_index(cu_seqlens, q), as_index(lengths, q)
     validate(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
     out, _ = _forward_ref(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
     return out.to(q.dtype)
@@ -358,14 +368,15 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Args:
         q, k, v: packed [T, H, Dh] (with cu_seqlens) or [B, H, N, Dh] (padded with lengths, or dense); one
             dtype and device; only the last dim needs to be contiguous for the triton backend.
-        cu_seqlens: int32 [B+1], 0 = cu[0] <= cu[1] <= ... <= cu[B] = T.
+        cu_seqlens: int32 [B+1], 0 = cu[0] <= cu[1] <= ... <= cu[B] = T (int64, or a list of ints, is taken too).
         max_seqlen: optional longest segment (spares the torch backend a device read; the triton backend
             needs none).
-        lengths: int [B], 0 <= lengths[b] <= N.
+        lengths: int [B], 0 <= lengths[b] <= N (a tensor or a list of ints).
         scale: score scale, default Dh ** -0.5.
         backend: None (automatic; env DERMFAST_BACKEND / set_backend), "triton" or "torch".
     Returns: [q's shape], q.dtype.
     """
+    cu_seqlens, lengths = as_index(cu_seqlens, q), as_index(lengths, q)
     validate(q, k, v, cu_seqlens, max_seqlen, lengths, scale, check_values=not torch.compiler.is_compiling())
     return _masked_attention_op(q, k, v, cu_seqlens, max_seqlen, lengths,
                                 None if scale is None else float(scale), backend)[0]
