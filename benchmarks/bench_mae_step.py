@@ -409,6 +409,19 @@ def cases(presets: list[str], variants: list[str]) -> list[tuple[str, str]]:
     return eager + [(p, v) for p in presets for v in variants if "+compile" in v]
 
 
+def dispatch_summary(device: torch.device, dtype: torch.dtype) -> str:
+    """Which backend dermfast's automatic choice gives each op for (device, dtype), e.g. "mae_loss=triton ..."
+    (sizes unknown here: a backend that refuses some sizes may still fall back inside the step)."""
+    from dermfast.ops.registry import Query, ops
+    out = []
+    for name, op in sorted(ops().items()):
+        try:
+            out.append(f"{name}={op.select(Query(device, dtype, {})).backend}")
+        except Exception as e:  # noqa: BLE001  (an explicit DERMFAST_BACKEND that cannot serve: say so)
+            out.append(f"{name}=none({type(e).__name__})")
+    return " ".join(out)
+
+
 def _dynamo_counts() -> tuple[int, int]:
     """(graphs compiled, graph breaks) so far in this process, from torch._dynamo's counters."""
     from torch._dynamo.utils import counters
@@ -496,6 +509,8 @@ def _run(quick: bool, rows: list[dict]) -> None:
                  "warmup_s": f"{res['warm_s']:.1f}", "wall_s": f"{time.perf_counter() - t:.1f}",
                  "breakdown_ms": ";".join(f"{k}={v:.3f}" for k, v in res["breakdown"].items()),
                  "datasheet": f"{ds[0]} {ds[1]}" if ds else ""}
+        if variant.startswith("dermfast"):
+            extra["backends"] = dispatch_summary(device, torch.bfloat16 if gpu else torch.float32)
         if gpu:
             kernel_ms = sum(res["breakdown"].values())
             extra["breakdown_ms"] += f";host/idle={max(0.0, med - kernel_ms):.3f}"
@@ -537,7 +552,13 @@ def summary(rows: list[dict]) -> str:
                       "breakdown % of step": " ".join(f"{k} {100 * float(v) / total:.0f}" for k, v in parts.items()
                                                       if float(v) > 0)})
     if table:
-        out.append(markdown_table(table, list(table[0])))
+        out += [markdown_table(table, list(table[0])), "",
+                "img/s and TFLOP/s from the median step; MFU measured = TFLOP/s over this run's bf16 matmul ceiling; "
+                "x best peer = img/s over the best official variant's on that preset; model FLOPs (official "
+                "recipe, flop_counter) credited to every variant.", ""]
+        backends = next((r["backends"] for r in ok if r.get("backends")), "")
+        if backends:
+            out.append(f"- dermfast dispatch: {backends}")
     others = [r for r in rows if r.get("status") != "ok"]
     out += [f"- {r['workload']} {r['impl']}: {r['status']}" for r in others]
     return "\n".join(out)

@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
 done
 
 # 1. wheels the image lacks (DALI, diffusers): parts of one tar, appended in order, possibly over several calls
-GW=/var/tmp/gw
+GW=${GW_DIR:-/var/tmp/gw}
 mkdir -p "$GW"
 if compgen -G ".gpuwheels/part*/chunk.*" > /dev/null; then
   for part in $(ls -d .gpuwheels/part* | sort -V); do
@@ -96,7 +96,8 @@ for f in benchmarks/results/*-"$(date +%F)".csv benchmarks/results/*-"$(date +%F
   [ -f "$f" ] && cp "$f" "$OUT/"
 done
 stamp "done: tests rc=$test_rc, bench rc=$bench_rc; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
-# the summaries and the table last (the harness prints them at the end of its output; bench.log has it all)
-awk 'p || /^## |^wrote /{p=1} p' "$OUT/bench.log"
+# the table, then the short summaries (MAE step: img/s, MFU, breakdown) last; bench.log and the .md have it all
+grep -qE '^bench +workload +shape' "$OUT/bench.log" && awk 'p || /^bench +workload +shape/{p=1} p' "$OUT/bench.log" \
+  || tail -60 "$OUT/bench.log"
 [ "$bench_rc" = 0 ] || tail -40 "$OUT/bench.log" | grep -iE "error|traceback|stopped" | tail -15
 exit "$bench_rc"

@@ -170,16 +170,28 @@ def run_module(name: str, path: Path, quick: bool, common: ModuleType) -> tuple[
     return rows, mod
 
 
-def summary_markdown(rows: list[dict], env: dict, sections: list[str], quick: bool, common: ModuleType) -> str:
+def summary_markdown(rows: list[dict], env: dict, sections: list[str], quick: bool, common: ModuleType,
+                     ceilings: dict) -> str:
+    """Header (device, versions, commit), ceilings, each module's summary, the measured rows as a table, and the
+    peers absent here condensed to one line each (bench, impl, why)."""
     head = [f"# Benchmarks on {env['device']} ({env['date']})", "",
             f"driver {env['driver']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
             f"python {env['python']}, commit {env['commit']}, {'--quick' if quick else 'full'} run.", ""]
     if not torch.cuda.is_available():
         head += ["**No GPU: CPU numbers are not performance results.** This file only proves the harness ran.", ""]
-    head += ["`frac_of_ceiling`: TFLOP/s over the measured bf16 matmul ceiling, or GB/s over the measured "
-             "device-copy ceiling. `ratio_to_best_peer`: best peer's time over dermfast's (> 1: dermfast faster).",
-             "", common.markdown_table(rows), ""]
-    return "\n".join(head + [s.rstrip() + "\n" for s in sections if s and s.strip()])
+    if ceilings:
+        head += [f"Measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.4g} TFLOP/s, device copy "
+                 f"{ceilings['copy_gbps']:.4g} GB/s (fp32 and tiny on a CPU).", ""]
+    head += [s.rstrip() + "\n" for s in sections if s and s.strip()]
+    measured = [r for r in rows if not str(r.get("status", "")).startswith("absent")]
+    head += ["## All rows", "", "`frac_of_ceiling`: TFLOP/s over the measured bf16 matmul ceiling, or GB/s over "
+             "the measured device-copy ceiling. `ratio_to_best_peer`: best peer's time over dermfast's "
+             "(> 1: dermfast faster).", "", common.markdown_table(measured), ""]
+    absent = {(r["bench"], r["impl"], r["status"].removeprefix("absent: ")): None
+              for r in rows if str(r.get("status", "")).startswith("absent")}
+    if absent:
+        head += ["## Absent here", ""] + [f"- {b} `{i}`: {why}" for b, i, why in absent] + [""]
+    return "\n".join(head)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,15 +304,16 @@ def _run_all(args, found: dict[str, Path], names: list[str], common: ModuleType,
     env = common.environment()
     out = common.write_rows(rows, args.out, env=env)
     md = out.with_suffix(".md")
-    md.write_text(summary_markdown(rows, env, sections, args.quick, common), encoding="utf-8")
+    md.write_text(summary_markdown(rows, env, sections, args.quick, common, ceilings), encoding="utf-8")
 
+    # the table first, the short summaries last (a terminal, or a log's tail, shows the end)
+    print("\n" + common.format_table(rows))
     for s in sections:
         print("\n" + s.rstrip())
     print(f"\nwrote {out} and {md.name}")
     if ceilings:
-        print(f"ceilings on {env['device']}: matmul {ceilings['matmul_tflops']:.1f} TFLOP/s, "
-              f"copy {ceilings['copy_gbps']:.1f} GB/s")
-    print("\n" + common.format_table(rows))
+        print(f"ceilings on {env['device']}: matmul {ceilings['matmul_tflops']:.4g} TFLOP/s, "
+              f"copy {ceilings['copy_gbps']:.4g} GB/s")
     errors = [r for r in rows if common.is_error(r)]
     if not gpu:
         print(common.CPU_WARNING)
