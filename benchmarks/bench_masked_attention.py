@@ -18,6 +18,8 @@ every implementation, so padded peers pay for their padding in TFLOP/s; `python 
 to the measured bf16 matmul ceiling (benchmarks/bench_ceilings.py). Each row's note gives its max abs error
 against the float32 reference on the valid rows (a wrong fast number is caught here, not later).
 
+`summary(rows)` states each of the issue's speed targets as met / missed / unmeasured.
+
 --quick (and any run without a GPU): B 2, H 2, tiny lengths, fp32 on the CPU, dermfast through its torch
 backend (the Triton interpreter is for tests, not timing); proves the harness only.
 """
@@ -223,6 +225,32 @@ def run(quick: bool = False) -> list[dict]:
             if gpu:
                 torch.cuda.empty_cache()
     return rows
+
+
+# The issue's targets (H100, fwd+bwd): (workload prefix, mode, our impl, peer, minimum speed-up of ours).
+TARGETS = [
+    ("vit_h_encoder", "ragged", "dermfast-triton packed", "sdpa+bool mask", 1.5),
+    ("vit_h_encoder", "ragged", "dermfast-triton packed", "flex_attention (doc mask)", 3.0),
+    ("vit_h_encoder", "dense", "dermfast-triton", "sdpa-cudnn", 0.9),
+    ("vit_h_encoder", "dense", "dermfast-triton", "sdpa-flash", 1.2),
+    ("vit_h_dense", "dense", "dermfast-triton", "sdpa-cudnn", 0.9),
+    ("vit_h_dense", "dense", "dermfast-triton", "sdpa-flash", 1.2),
+]
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: each target of the issue as met / missed / unmeasured, from the fwd+bwd rows."""
+    ms = {(r["workload"], r["impl"]): float(r["median_ms"]) for r in rows
+          if r["pass"] == "fwd+bwd" and r["status"] == "ok" and r["median_ms"]}
+    lines = ["### masked_attention targets (fwd+bwd)", ""]
+    for workload, mode, ours, peer, need in TARGETS:
+        a, b = ms.get((f"{workload} {mode}", ours)), ms.get((f"{workload} {mode}", peer))
+        if a is None or b is None or not on_gpu():
+            verdict = "unmeasured" + ("" if on_gpu() else " (no GPU: CPU rows are not results)")
+        else:
+            verdict = f"{b / a:.2f}x: {'met' if b / a >= need else 'MISSED'}"
+        lines.append(f"- {workload} {mode}: {ours} vs {peer} >= {need}x -> {verdict}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
