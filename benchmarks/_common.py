@@ -283,6 +283,9 @@ def main(run: Callable[[bool], list[dict]], argv: list[str] | None = None) -> in
         ceilings, ceiling_rows = measure_ceilings(args.quick)
     rows = fill_ceiling_fracs(fill_ratios(ceiling_rows + run(args.quick)), ceilings)
     print(format_table(rows))
+    summary = getattr(sys.modules.get(getattr(run, "__module__", "")), "summary", None)
+    if callable(summary):
+        print("\n" + summary(rows).rstrip())
     if not on_gpu():
         print(CPU_WARNING, file=sys.stderr)
     print(f"wrote {write_rows(rows, args.out)}")
