@@ -66,6 +66,24 @@ def test_patch_timm_on_qk_norm_model_and_errors():
         dermfast.patch_timm(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+class Fp32LayerNorm(torch.nn.LayerNorm):
+    """What CUDA autocast does to qk_norm's LayerNorm (fp32 out); CPU autocast would keep bf16."""
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def test_autocast_with_fp32_qk_norm():
+    """q, k come out of qk_norm in fp32 while v is bf16: cast to the autocast dtype like SDPA's autocast rule."""
+    attn = MaskedAttention(64, num_heads=2, qk_norm=True, norm_layer=Fp32LayerNorm).eval()
+    x = torch.randn(2, 9, 64)
+    ref = attn(x)  # no autocast: fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=5e-2, rtol=5e-2)
+
+
 def per_sample(attn, xs):
     return [attn(x[None])[0] for x in xs]
 

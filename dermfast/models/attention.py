@@ -29,6 +29,16 @@ from torch import nn
 from dermfast.ops.masked_attention_op import masked_attention
 
 
+def _autocast(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under autocast, q, k, v in the autocast dtype, as autocast does for SDPA (qk_norm's LayerNorm runs in
+    fp32 under autocast while v stays bf16; timm's SDPA call is cast the same way)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 class MaskedAttention(Attention):
     """timm `Attention` computed by `dermfast.ops.masked_attention` (dense, padded with lengths, or packed).
 
@@ -60,14 +70,14 @@ class MaskedAttention(Attention):
             tokens = x.reshape(-1, x.shape[-1])
             T = tokens.shape[0]
             q, k, v = self.qkv(tokens).reshape(T, 3, H, Dh).unbind(1)  # [T, H, Dh] strided views
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = _autocast(x, self.q_norm(q), self.k_norm(k), v)
             o = masked_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=self.scale,
                                  backend=self.backend)
             o = o.reshape(*x.shape[:-1], attn_dim)
         else:
             B, N, _ = x.shape
             q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh]
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = _autocast(x, self.q_norm(q), self.k_norm(k), v)
             o = masked_attention(q, k, v, lengths=lengths, scale=self.scale, backend=self.backend)
             o = o.transpose(1, 2).reshape(B, N, attn_dim)
         norm = getattr(self, "norm", None)
