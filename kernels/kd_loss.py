@@ -16,7 +16,8 @@ their gradients) on what is a row-wise reduction. Here one program owns ROWS row
 The forward writes the per-row loss ([N] fp32, already scaled for the reduction) and the gradient with respect
 to the student logits; the caller sums the rows (a deterministic torch reduction, not float atomics, so two runs
 give the same bits) and the backward only multiplies the saved gradient by grad_output. No gradient reaches the
-teacher. The kernel never reads out of bounds: the target logit is picked by comparing column indices inside
+teacher. Launches per step: forward = this kernel + the row sum (+ one gather-sum of w[y] for "mean" with class
+weights, since the CE normaliser sum_i w[y_i] spans all rows); backward = one multiply. The kernel never reads out of bounds: the target logit is picked by comparing column indices inside
 the chunk loop, never by a gathered load, and the class weight is loaded under a mask of in-range targets.
 
 Math (per row i; z_s = s / T, z_t = t / T, p = softmax(z_t), q = softmax(z_s), r = softmax(s), y = target)
