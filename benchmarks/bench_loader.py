@@ -14,6 +14,9 @@ hardware gives without a user sampler) and torchvision's batched GPU ``decode_jp
   boundary is included; ``note`` gives images/s. pass "epoch-boundary": ms from the last batch of epoch e to
   the first batch of e + 1 (dermfast loaders; the peers' readers never end an epoch). ``peak_mib``: GPU memory
   the implementation holds after its epochs (device free-memory drop, DALI's pools and nvJPEG buffers included).
+- Two dali-gpu variants measure choices made without a GPU at hand: DALI's default hybrid_huffman_threshold
+  (1 MP) against dermfast's 500k, and file reading on the training thread (parallel=False) against the
+  spawned reader processes.
 - Without a GPU the GPU rows are reported absent; CPU numbers only prove the harness works.
 """
 from __future__ import annotations
@@ -123,6 +126,19 @@ def _ours(records, backend: str, aug: Augment, cfg: dict, workers: int, device: 
     return epoch, loader
 
 
+def _ours_direct(records, aug: Augment, cfg: dict, workers: int, **options):
+    """A DaliLoader with options build_loader does not expose (decoder settings to compare)."""
+    from dermfast.data.dali_loader import DaliLoader
+    sampler = BalancedSampler(records.labels, records.source, class_fractions="equal", seed=0)
+    loader = DaliLoader(records, aug, cfg["batch"], train=True, sampler=sampler, device="gpu", seed=0,
+                        num_threads=workers, output_dtype=torch.float16, **options)
+
+    def epoch(e):
+        loader.set_epoch(e)
+        return loader
+    return epoch, loader
+
+
 def _readers_file(records, aug: Augment, cfg: dict, workers: int, gpu: bool):
     from nvidia import dali
     from nvidia.dali import fn, types
@@ -190,6 +206,12 @@ def run(quick: bool = False, images: int | None = None, batch_size: int | None =
         ("dermfast-dali-gpu", "rrc+flip", lambda: _ours(records, "dali-gpu", plain, cfg, workers, cuda)
          if gpu and _optional.HAS_DALI else _why(gpu, dali=True)),
         ("dermfast-dali-gpu", "rrc+flip+jitter", lambda: _ours(records, "dali-gpu", jitter, cfg, workers, cuda)
+         if gpu and _optional.HAS_DALI else _why(gpu, dali=True)),
+        ("dermfast-dali-gpu-hht1M", "rrc+flip",  # DALI's default hybrid_huffman_threshold, to compare
+         lambda: _ours_direct(records, plain, cfg, workers, decoder_options={"hybrid_huffman_threshold": 1_000_000})
+         if gpu and _optional.HAS_DALI else _why(gpu, dali=True)),
+        ("dermfast-dali-gpu-serial-read", "rrc+flip",  # files read on the training thread, to compare
+         lambda: _ours_direct(records, plain, cfg, workers, parallel=False)
          if gpu and _optional.HAS_DALI else _why(gpu, dali=True)),
         ("dermfast-dali-cpu", "rrc+flip", lambda: _ours(records, "dali-cpu", plain, cfg, workers, cuda)
          if _optional.HAS_DALI else _why(True, dali=True)),

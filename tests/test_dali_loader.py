@@ -223,6 +223,24 @@ def test_errors_are_clear(records, monkeypatch):
         _cpu(records, EVAL_AUG, 4, train=False)
 
 
+@pytest.mark.parametrize("train, aug", [(True, TRAIN_AUG), (True, Augment(size=SIZE, flip=0.0)), (False, EVAL_AUG)])
+def test_gpu_graph_passes_dalis_definition_checks_without_a_gpu(records, monkeypatch, train, aug):
+    # DALI checks operator and argument names and CPU/GPU placement when the graph is defined, before any
+    # CUDA work: so the mixed decoder's options and the GPU jitter (arithmetic on GPU nodes) are checked here.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    loader = DaliLoader(records, aug, 4, train=train, device="gpu", device_id=0, parallel=False, num_threads=1,
+                        output_dtype=torch.bfloat16)
+    kw = loader._decoder_kwargs()
+    assert kw["hw_decoder_load"] == 0.99 and kw["preallocate_width_hint"] == max(w for w, _ in SIZES)
+    assert kw["preallocate_height_hint"] == max(h for _, h in SIZES)
+    loader._build()  # defines the graph (pipe.build() would need CUDA)
+    assert loader.builds == 1
+    with pytest.raises(KeyError, match="bogus"):
+        DaliLoader(records, aug, 4, train=train, device="gpu", device_id=0, parallel=False, num_threads=1,
+                   decoder_options={"bogus": 1})._build()
+
+
 @pytest.mark.gpu
 def test_gpu_pipeline(records):
     ev = DaliLoader(records, EVAL_AUG, 8, train=False, device="gpu", device_id=0, num_threads=2)
