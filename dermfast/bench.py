@@ -47,6 +47,8 @@ class Stopped(BaseException):
 
 
 def _on_sigterm(signum, frame):
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt writing the results
     raise Stopped(f"signal {signum}")
 
 
