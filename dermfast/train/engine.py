@@ -525,8 +525,7 @@ class _Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         r = self.r
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(r.model, self.opt, options=opts)
-        optim_t, optim_meta = ckpt.flatten_optimizer(optim_sd)
+        model_sd, optim_sd = get_state_dict(r.model, self.opt, options=opts)  # full on rank 0, {} elsewhere
         extra_t, extra_meta = self.stage.extra_state()
         loader_state = None
         if mid_epoch:
@@ -539,6 +538,7 @@ class _Trainer:
         per_rank = _gather({"loader": loader_state, "rng": rng})
         if not self.world.is_main:
             return None
+        optim_t, optim_meta = ckpt.flatten_optimizer(optim_sd)
         tensors = {f"stage/{k}": v for k, v in extra_t.items()}
         for rank, pr in enumerate(per_rank):
             tensors[f"rng/{rank}/torch"] = torch.tensor(pr["rng"].pop("torch"), dtype=torch.uint8)

@@ -1,0 +1,84 @@
+"""Kill -9 and resume, for real: `python -m dermfast.train --stage mae` in a subprocess is SIGKILLed at a random
+step after its first checkpoint, resumed with --resume auto, and its logged losses from then on must equal the
+uninterrupted run's exactly (CPU, fp32). The kill step is drawn fresh each run and printed on failure; set
+DERMFAST_KILL_STEP to replay one.
+
+Loader: `--loader torch` with 0 workers (decode in the main process). The engine restores the loader through
+the loader contract (`state_dict` / `load_state_dict`) and every RNG state, so the crops after the resume are
+the ones the uninterrupted run drew.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+SETTINGS = {"toy_images": 96, "toy_image_size": 64, "batch_size": 8, "epochs": 2, "max_steps": 14,
+            "checkpoint_every": 3, "log_every": 1, "workers": 0, "loader": "torch", "seed": 5}
+
+
+def _cmd(tmp: Path, out: str, *extra: str) -> list[str]:
+    cfg = tmp / "settings.yaml"
+    cfg.write_text(yaml.safe_dump(SETTINGS))
+    return [sys.executable, "-m", "dermfast.train", "--stage", "mae", "--config", str(cfg),
+            "--out", str(tmp / out), "--no-progress", *extra]
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, "DERMFAST_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("loss")]
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_logs_the_same_losses(tmp_path):
+    env = _env(tmp_path)
+    ref = subprocess.run(_cmd(tmp_path, "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    reference = _log(tmp_path / "ref" / "log.csv")
+    assert [int(r["step"]) for r in reference] == list(range(1, 15))
+
+    kill_at = int(os.environ.get("DERMFAST_KILL_STEP") or random.SystemRandom().randint(4, 10))
+    why = f"(killed after logging step {kill_at}; replay with DERMFAST_KILL_STEP={kill_at})"
+    proc = subprocess.Popen(_cmd(tmp_path, "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = tmp_path / "cut" / "log.csv"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(int(r["step"]) >= kill_at for r in _log(log)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, f"{why} the run was not killed: rc {proc.returncode}\n{out}"
+    cut = _log(log)
+    assert kill_at <= int(cut[-1]["step"]) < 14, why
+
+    res = subprocess.run(_cmd(tmp_path, "cut", "--resume", "auto"), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, why + res.stdout + res.stderr
+    resumed_from = (int(cut[-1]["step"]) // 3) * 3
+    assert f"at step {resumed_from}" in res.stdout, why + res.stdout
+    resumed = _log(log)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference], why
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference], why
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in reference], why
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference], why
+
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "ref" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), why
