@@ -111,6 +111,19 @@ def test_ragged_packed_and_padded_equal_per_sample_attention(backend):
         torch.testing.assert_close(out[b, n:], plain.proj.bias.expand(N - n, -1))  # attention output 0
 
 
+def test_block_forward_on_packed_tokens():
+    from dermfast.models.attention import block_forward
+    model = tiny_vit(embed_dim=64, heads=2, depth=1, init_values=0.1).eval()
+    block = model.blocks[0]
+    xs = [torch.randn(n, 64) for n in (4, 1, 9)]
+    want = torch.cat([block(x[None])[0] for x in xs])
+    dermfast.patch_timm(model)
+    cu = torch.tensor([0, 4, 5, 14], dtype=torch.int32)
+    torch.testing.assert_close(block_forward(block, torch.cat(xs), cu_seqlens=cu), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="patch_timm first"):
+        block_forward(tiny_vit(embed_dim=64, heads=2, depth=1).blocks[0], torch.cat(xs), cu_seqlens=cu)
+
+
 def test_what_the_op_cannot_do_goes_to_timm():
     plain = Attention(64, num_heads=4, attn_drop=0.5)
     masked = copy.deepcopy(plain)

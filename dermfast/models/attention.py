@@ -15,6 +15,9 @@ What the op does not do is delegated to timm's own forward, unchanged: an arbitr
 and attention-weight dropout while training (attn_drop.p > 0). Combining those with lengths / cu_seqlens is an
 error, never a silent change of semantics.
 
+`block_forward(block, x, cu_seqlens=...)` runs a timm ViT Block on packed tokens (timm's Block.forward cannot pass
+cu_seqlens to its attention).
+
 This module imports timm; `import dermfast` does not (dermfast.patch_timm / dermfast.models.MaskedAttention
 are resolved lazily).
 """
@@ -106,3 +109,18 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     if found == 0:
         raise ValueError(f"patch_timm: {type(model).__name__} holds no timm.layers.Attention module to swap")
     return model
+
+
+def block_forward(block: nn.Module, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
+                  max_seqlen: Optional[int] = None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run a timm ViT `Block` (norm1 / attn / ls1 / drop_path1 / norm2 / mlp / ls2 / drop_path2) whose attn is
+    a MaskedAttention on ragged input: packed x [T, C] with cu_seqlens, or padded x [B, N, C] with lengths.
+
+    timm's Block.forward has no way to pass cu_seqlens to its attention; everything else in a Block works
+    per token, so packed tokens go through it unchanged.
+    """
+    if not isinstance(block.attn, MaskedAttention):
+        raise ValueError("block_forward: block.attn is not a MaskedAttention (call dermfast.patch_timm first)")
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                                  lengths=lengths)))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
