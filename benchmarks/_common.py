@@ -11,6 +11,9 @@ median / p20 / p80 ms, and optional throughput (`tflops` or `gbps`), `peak_mib`,
 "absent: <why>" for a peer that is not importable here, never dropped; "error: <why>" for a failure) and
 `note`. `extra={...}` adds bench-specific columns (the results CSV takes the union of every row's keys).
 
+A row's `bench` is the file's name without `bench_`. A run() that is interrupted (SIGTERM from the harness's
+time limit) may attach the rows it measured so far to the exception as `e.partial_rows`: they are kept.
+
 The harness fills two columns afterwards: `ratio_to_best_peer` (`fill_ratios`: best peer's median over ours, for
 impls named dermfast*) and `frac_of_ceiling` (`fill_ceiling_fracs`: TFLOP/s over the measured bf16 matmul
 ceiling, or GB/s over the measured device-copy ceiling; benchmarks/bench_ceilings.py measures both).

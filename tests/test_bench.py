@@ -288,3 +288,40 @@ def test_budget_skips_the_rest(fake_dir, tmp_path):
     assert bench.main(["--dir", str(fake_dir), "--quick", "--only", "good", "raises", "--no-ceilings",
                        "--budget-s", "0", "--out", str(out)]) == 0
     assert all(r["status"].startswith("skipped: past the 0 s budget") for r in read(out))
+
+
+@pytest.mark.gpu
+def test_ceilings_on_gpu(tmp_path):
+    """bf16 8192^3 matmul and the 2 GiB copy on the GPU present; rows read against them (no speed asserted)."""
+    out = tmp_path / "c.csv"
+    assert bench.main(["--only", "ceilings", "--out", str(out)]) == 0
+    rows = {r["workload"]: r for r in read(out)}
+    assert rows["matmul ceiling"]["dtype"] == "bfloat16" and float(rows["matmul ceiling"]["tflops"]) > 0
+    assert float(rows["copy ceiling"]["gbps"]) > 0 and rows["copy ceiling"]["device"].startswith("NVIDIA")
+
+
+@pytest.mark.gpu
+def test_mae_step_on_gpu_breakdown_sees_real_kernels(tmp_path, monkeypatch):
+    """vit_b16 at batch 32, eager variants: GPU kernels land in the matmul / attention / optimiser groups."""
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_VARIANTS", "official,dermfast")
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_PRESETS", "vit_b16")
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_BATCHES", "32")
+    monkeypatch.setenv("DERMFAST_BENCH_MAE_STEPS", "3")
+    out = tmp_path / "g.csv"
+    assert bench.main(["--only", "mae_step", "--out", str(out)]) == 0
+    rows = {r["impl"]: r for r in read(out) if r["bench"] == "mae_step"}
+    for impl in ("official", "dermfast"):
+        r = rows[impl]
+        assert r["status"] == "ok" and r["dtype"] == "bf16-autocast" and float(r["peak_mib"]) > 0
+        parts = {k: float(v) for k, v in (kv.split("=") for kv in r["breakdown_ms"].split(";"))}
+        assert parts["matmul"] > 0 and parts["attention"] > 0 and parts["optimiser"] > 0, parts
+        assert 0 < float(r["frac_of_ceiling"]) < 1.5
+        assert r["mfu_datasheet"]
+
+
+@pytest.mark.gpu
+def test_mae_step_oom_moves_to_the_next_batch(tmp_path, monkeypatch, mae_step):
+    """A batch that cannot fit (10^6 demo images) is skipped for the next candidate, and memory is given back."""
+    batch, res, why = mae_step.run_variant("official", "demo", [1_000_000, 8], 1, 1, 1, torch.device("cuda"))
+    assert batch == 8 and res is not None and why == ""
+    assert torch.cuda.memory_allocated() < 2**30
