@@ -223,7 +223,16 @@ def run(quick: bool = False, images: int | None = None, batch_size: int | None =
         ("torchvision-decode_jpeg-gpu", "rrc+flip", lambda: _torchvision_gpu(records, plain, cfg)
          if gpu else "no CUDA GPU"),
     ]
-    rows = []
+    rows: list[dict] = []
+    try:
+        _run_plans(plans, rows, shape, cfg, gpu, workers)
+    except BaseException as e:  # SIGTERM / a failure: the harness keeps the rows measured so far
+        e.partial_rows = rows
+        raise
+    return rows
+
+
+def _run_plans(plans, rows: list[dict], shape: str, cfg: dict, gpu: bool, workers: int) -> None:
     for impl, workload, build in plans:
         base = _held_mib()
         try:
@@ -239,12 +248,38 @@ def run(quick: bool = False, images: int | None = None, batch_size: int | None =
         held = _held_mib()
         peak = None if base is None or held is None else held - base
         note = f"{r['img_s']:.1f} img/s; {workers} workers/threads" + ("" if on_device else "; host decode")
-        rows.append(row(BENCH, workload, shape, "float16", impl, "batch", r["batch"], peak=peak, note=note))
+        rows.append(row(BENCH, workload, shape, "float16", impl, "batch", r["batch"], peak=peak, note=note,
+                        extra={"images_per_s": f"{r['img_s']:.1f}", "workers": workers}))
         if impl.startswith("dermfast"):
             rows.append(row(BENCH, workload, shape, "float16", impl, "epoch-boundary", r["boundary"],
                             note="last batch of epoch e -> first batch of e+1"))
         del epoch_iter, keep
-    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: img/s per implementation and the issue-6 targets (>= 80 % of the plain DALI pipeline, >= 5x the
+    torch DataLoader, epoch boundary < 50 ms)."""
+    ok = {(r["impl"], r["workload"], r["pass"]): r for r in rows if r.get("status") == "ok"}
+
+    def rate(impl, workload="rrc+flip"):
+        r = ok.get((impl, workload, "batch"))
+        return float(r["images_per_s"]) if r and r.get("images_per_s") else None
+
+    out = ["## Loader (JPEG -> crop -> resize -> normalise, balanced sampling)", ""]
+    if not on_gpu():
+        out += ["CPU run: proves the benchmark works; not a performance result.", ""]
+    for (impl, workload, pass_), r in ok.items():
+        if pass_ == "batch":
+            boundary = ok.get((impl, workload, "epoch-boundary"))
+            extra = f", epoch boundary {float(boundary['median_ms']):.1f} ms" if boundary else ""
+            held = f", {float(r['peak_mib']):.0f} MiB GPU memory held" if r.get("peak_mib") else ""
+            out.append(f"- {impl} ({workload}): {r['images_per_s']} img/s{extra}{held}")
+    ours, plain, torch_rate = rate("dermfast-dali-gpu"), rate("dali-readers.file-gpu"), rate("dermfast-torch")
+    if ours and plain:
+        out.append(f"- dali-gpu / plain DALI reader pipeline: {ours / plain:.2f} (target >= 0.80)")
+    if ours and torch_rate:
+        out.append(f"- dali-gpu / torch DataLoader: {ours / torch_rate:.1f}x (target >= 5x)")
+    return "\n".join(out + [""])
 
 
 def _why(gpu: bool, dali: bool) -> str:
