@@ -51,15 +51,18 @@ def test_eval_honours_the_sampler(records):
     assert _cat(list(no_sampler), "label").tolist() == records.labels.tolist()  # without one: all, in order
 
 
-def test_workers_persist_across_epochs(records):
-    sampler = BalancedSampler(records.labels, class_fractions="equal", seed=2)
-    loader = TorchLoader(records, TRAIN_AUG, 4, train=True, sampler=sampler, workers=1, seed=3)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_workers_persist_across_epochs(records, train):
+    sampler = BalancedSampler(records.labels, class_fractions="equal", seed=2, world_size=2)
+    loader = TorchLoader(records, TRAIN_AUG if train else EVAL_AUG, 4, train=train, sampler=sampler, workers=1,
+                         seed=3)
     seen = []
     for epoch in range(2):
         loader.set_epoch(epoch)
         labels = _cat(list(loader), "label")
         idx = sampler.rank_indices(epoch)
         assert labels.tolist() == records.labels[idx[: len(labels)]].tolist()
+        assert len(labels) == (len(idx) // 4 * 4 if train else len(idx))
         it = loader.loader._iterator  # DataLoader keeps its iterator (and worker processes) when persistent
         seen.append((id(it), tuple(w.pid for w in it._workers)))
     assert seen[0] == seen[1]
