@@ -52,7 +52,7 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["h_step", "sample_offset"])  # keys change every step: one compile, not many
 def _masking_fwd_kernel(x_ptr, pos_ptr, vis_ptr, mask_ptr, restore_ptr, keep_ptr, cu_ptr,
                         h_step, sample_offset, L, D,
                         HAS_POS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
