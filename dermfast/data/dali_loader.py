@@ -11,26 +11,27 @@ Design
   * Built once. A loader builds ONE DALI pipeline, on its first iteration, and runs every epoch through it
     (``builds`` counts builds: 1 unless an epoch failed, which throws the pipeline away). A rebuild per epoch
     cost 2-3 s per epoch boundary on an H100 (decoder buffers, worker processes).
-  * Input: ``fn.external_source`` with a batch callback (`_BatchSource`), since DALI's file readers cannot take
-    a user sampler. DALI numbers its own epochs (``BatchInfo.epoch_idx``, +1 per ``reset()``); the loader writes,
+  * Input: ``fn.external_source`` with a batch callback (`_BatchSource`), since DALI's file readers cannot take a
+    user sampler. DALI numbers its own epochs (``BatchInfo.epoch_idx``, +1 per ``reset()``); the loader writes,
     before DALI epoch j starts, a plan slot j = (our epoch, start position, batches) into a tiny int64 table
     (`_Plan`), and the callback maps (epoch_idx, iteration) -> rows of ``EpochOrder(epoch)`` (the sampler's
-    ``rank_indices``, a pure function of the epoch, also computable in a worker process). At the end of an
-    epoch the plan for the next epoch (e + 1 from position 0) is written and the pipeline reset at once, so
-    DALI starts decoding the next epoch while the training loop finishes its own: the boundary costs about one
-    batch, not a rebuild. A loader asked for something else (``set_epoch`` to another epoch,
-    ``load_state_dict``, an epoch left with ``break``) ends the DALI epoch early by lowering its plan's batch
+    ``rank_indices``, a pure function of the epoch, also computable in a worker process). At the end of an epoch the
+    plan for the next epoch (e + 1 from position 0) is written and the pipeline reset at once, so DALI starts
+    decoding the next epoch while the training loop finishes its own: the boundary costs about the pipeline's
+    latency for one batch, not a rebuild (dali-cpu on a 2-core CPU, bench_loader --quick: 27-38 ms boundary against
+    14-23 ms a batch; the GPU pipeline is unmeasured). A loader asked for something else (``set_epoch`` to another
+    epoch, ``load_state_dict``, an epoch left with ``break``) ends the DALI epoch early by lowering its plan's batch
     count, drains the few batches already in flight, and moves on: still no rebuild.
-  * Augmentation parameters come from the host: `augment.sample_train_params` draws each sample's crop window,
-    flip and jitter factors from a hash of (seed, rank, epoch, position in the epoch), using the image size read
-    from the encoded header (`augment.image_size`, microseconds a JPEG). They reach DALI as per-sample tensors
-    of the same external source: the window as ``fn.decoders.image_slice``'s anchor / shape inputs (absolute
-    int32, "WH"; the decoder decodes only that region: libjpeg-turbo skips the scanlines outside it on the CPU,
-    nvJPEG ROI decode on the GPU), the flip as ``crop_mirror_normalize``'s ``mirror``, the factors as
-    arguments. DALI's own RNG is not used, so two loaders with the same seed give identical batches, and a
-    resumed loader continues with exactly the batches the original would have given. The torch loader applies
-    the same parameters. ``adjust_orientation=False``: the stored pixel grid, as PIL (and the torch loader)
-    sees it, so windows mean the same in both.
+  * Augmentation parameters come from the host: `augment.sample_train_params` draws each sample's crop window, flip
+    and jitter factors from a hash of (seed, rank, epoch, position in the epoch), using the image size read from the
+    encoded header (`augment.image_size`, microseconds a JPEG). They reach DALI as per-sample tensors of the same
+    external source: the window as ``fn.decoders.image_slice``'s anchor / shape inputs (absolute int32, "WH"; DALI
+    decodes only that region where the decoder allows it: libjpeg-turbo skips the scanlines outside it on the CPU,
+    nvJPEG has ROI decoding on the GPU), the flip as ``crop_mirror_normalize``'s ``mirror``, the factors as
+    arguments. DALI's own RNG is not used, so two loaders with the same seed give identical batches, and a resumed
+    loader continues with exactly the batches the original would have given. The torch loader applies the same
+    parameters. ``adjust_orientation=False``: the stored pixel grid, as PIL (and the torch loader) sees it, so
+    windows mean the same in both.
   * Train graph: image_slice -> ``fn.resize`` to S x S (antialiased) -> colour jitter -> crop_mirror_normalize
     (mean / std in 0..255 units, CHW, output dtype written directly: float32 or float16).
     Eval graph: ``fn.decoders.image`` -> ``fn.resize(resize_shorter=round(S / aug.crop_fraction))`` -> centre crop
@@ -49,22 +50,24 @@ Design
     threads), ``preallocate_width_hint`` / ``height_hint`` from the largest of the first images' headers (the
     HW decoder's buffers sized once), ``device_memory_padding`` / ``host_memory_padding`` at least the decoded
     size of that image (no reallocation as sizes vary), ``hybrid_huffman_threshold=500_000`` pixels (1024x768
-    photos, under DALI's 1 MP default, are then Huffman-decoded with GPU assistance rather than on the CPU
-    threads alone; small thumbnails keep the host Huffman decoder). All in ``decoder_options``, to override.
+    photos, under DALI's 1 MP default, then take nvJPEG's GPU-assisted Huffman path for the share not sent to
+    the hardware engine, rather than the host Huffman decoder on the CPU threads; small thumbnails keep the host
+    decoder; unmeasured: bench_loader's row dermfast-dali-gpu-hht1M runs DALI's default beside it). All in
+    ``decoder_options``, to override.
     ``num_threads`` defaults to this rank's cores, ``prefetch`` to 3 batches.
   * Output dtype: crop_mirror_normalize writes float32 or float16 directly. DALI 2.4 has no bfloat16 type, so
     ``output_dtype=torch.bfloat16`` has DALI write float16 (half the bytes of float32; normalised pixels lie in
     about [-2.2, 2.7], where fp16 holds more than bf16's 8 mantissa bits) and torch cast it on the GPU (within
     one bf16 rounding of a direct conversion).
-  * File reading, ``parallel`` (default: on for the GPU pipeline): the callback (read bytes, parse the header,
-    draw the parameters: ~0.1 ms an image, ~10 ms a batch of 128) then runs in ``py_workers`` processes (DALI's
-    parallel external_source) instead of inside ``pipe.run()`` on the training thread, where it stalls kernel
-    launches. The workers are started with ``spawn`` (default ``py_start_method``): fork is impossible once
-    CUDA is initialised in the process, and a forked child of a multi-threaded torch process can deadlock;
-    spawn costs a few seconds once per loader (the workers import torch), which the build-once design pays
-    once. For the CPU pipeline the default is off: decoding is the bound there, and the worker processes would
-    take cores from DALI's decoder threads. None of this could be measured on a GPU while it was written
-    (the machine had none): the settings follow DALI's documentation and the measurements in issue 6, and
+  * File reading, ``parallel`` (default: on for the GPU pipeline): the callback (read bytes, parse the header, draw
+    the parameters: on a CPU, ~6 us a header, ~0.3 ms the parameters of 128 images, plus the reads) then runs in
+    ``py_workers`` processes (DALI's parallel external_source) instead of inside ``pipe.run()`` on the training
+    thread, where it stalls kernel launches. The workers are started with ``spawn`` (default ``py_start_method``):
+    fork is impossible once CUDA is initialised in the process, and a forked child of a multi-threaded torch process
+    can deadlock; spawn costs a few seconds once per loader (the workers import torch), which the build-once design
+    pays once. For the CPU pipeline the default is off: decoding is the bound there, and the worker processes would
+    take cores from DALI's decoder threads. None of this could be measured on a GPU while it was written (the
+    machine had none): the settings follow DALI's documentation and the measurements in issue 6, and
     benchmarks/bench_loader.py measures them where a GPU is at hand.
   * Transfer to torch: with DALI's dynamic executor, outputs are reference-counted buffers that DALI does not
     reuse while a consumer holds them, so ``torch.from_dlpack`` is zero-copy and safe; a tensor from batch k is
