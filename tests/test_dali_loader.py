@@ -1,5 +1,10 @@
-"""DaliLoader on DALI's CPU pipeline (CI installs nvidia-dali-cuda130), plus one GPU-marked test.
+"""DaliLoader on DALI's CPU pipeline (CI installs nvidia-dali-cuda130), plus GPU-marked tests.
 
+Covered on the CPU: eval order and values, the sampler's order per epoch, one pipeline build over many epochs,
+identical batches from fresh loaders with one seed, exact mid-epoch resume (skipped batches never read), epoch
+boundaries / jumps / early exits without a rebuild, the parallel source started with spawn in a process where
+torch runs, and the GPU graph's definition. On a GPU: nvJPEG against the CPU pipeline, resume and bf16 there,
+the parallel source after CUDA is initialised, and `cuda` without an index.
 Small generated JPEGs (smooth random content, sizes 48..120 px) and 32 px outputs keep the module fast.
 """
 import json

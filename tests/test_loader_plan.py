@@ -78,6 +78,8 @@ def test_plan_state_resume_and_set_epoch():
     assert other.epoch == 3 and other.start == 0
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict({**state, "seed": 10})
+    other.load_state_dict(sampler.state_dict(consumed=8))  # a bare sampler state, as older checkpoints hold
+    assert other.begin() == (0, 8, 0)
 
 
 def sampler_labels():

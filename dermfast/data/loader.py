@@ -168,6 +168,8 @@ class EpochPlan:
         return {"epoch": epoch, "position": position, "seed": self.seed, "sampler": sampler}
 
     def load_state_dict(self, state) -> None:
+        if "sampler" not in state and "world_size" in state:  # a bare sampler state (older checkpoints)
+            state = {"epoch": state["epoch"], "position": state["position"], "seed": self.seed, "sampler": state}
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"loader state is for seed {state['seed']}, this loader has seed {self.seed}: "
                              "its augmentations would differ")
