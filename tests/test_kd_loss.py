@@ -80,6 +80,29 @@ def test_matches_float64_reference(backend, dtype, reduction, case, N, C):
     assert_close(got_g, want_g, dtype, f"grad ({backend}, {dtype})")
 
 
+@pytest.mark.parametrize("backend,t_dtype", [("torch", torch.bfloat16), ("torch", torch.float64),
+                                             pytest.param("triton", torch.float16, marks=needs_triton),
+                                             pytest.param("triton", torch.float64, marks=needs_triton)])
+def test_teacher_in_another_dtype(backend, t_dtype):
+    """A bf16 / fp16 teacher (autocast) or a float64 one with an fp32 student."""
+    s, t, y, w, T, alpha = make_inputs(4, 9, "target_weight", torch.float32)
+    t = t.to(t_dtype)
+    want, want_g = reference(s, t, y, w, T, alpha, "mean")
+    got, got_g = run(backend, s, t, y, w, T, alpha, "mean")
+    assert_close(got, want, torch.float32, "loss")
+    assert_close(got_g, want_g, torch.float32, "grad")
+
+
+def test_torch_backend_bf16_student_gets_a_bf16_gradient():
+    s, t, y, w, T, alpha = make_inputs(5, 13, "target_weight", torch.bfloat16)
+    grad_out = torch.rand(5) + 0.5
+    want, want_g = reference(s, t, y, w, T, alpha, "none", grad_out)
+    got, got_g = run("torch", s, t, y, w, T, alpha, "none", grad_out)
+    assert got.dtype == torch.float32 and got_g.dtype == torch.bfloat16
+    assert_close(got, want, torch.float32, "loss")
+    assert_close(got_g, want_g, torch.bfloat16, "grad")
+
+
 def test_torch_backend_float64_is_exact():
     s, t, y, w, T, alpha = make_inputs(4, 9, "target_weight", torch.float64)
     want, want_g = reference(s, t, y, w, T, alpha, "mean")
