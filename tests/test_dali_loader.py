@@ -246,6 +246,15 @@ def test_gpu_graph_passes_dalis_definition_checks_without_a_gpu(records, monkeyp
                    decoder_options={"bogus": 1})._build()
 
 
+def test_file_reading_moves_to_worker_processes_for_the_gpu_pipeline_over_enough_batches(records, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert DaliLoader(records, EVAL_AUG, 2, train=False, device="gpu", device_id=0).parallel  # 10 batches
+    assert not DaliLoader(records, EVAL_AUG, 4, train=False, device="gpu", device_id=0).parallel  # 5: not worth it
+    assert not _cpu(records, EVAL_AUG, 2, train=False).parallel  # the CPU pipeline: decoding is the bound
+    assert DaliLoader(records, EVAL_AUG, 2, train=False, device="gpu", device_id=0).py_start_method == "spawn"
+
+
 @pytest.mark.gpu
 def test_gpu_pipeline(records):
     ev = DaliLoader(records, EVAL_AUG, 8, train=False, device="gpu", device_id=0, num_threads=2)

@@ -59,16 +59,16 @@ Design
     ``output_dtype=torch.bfloat16`` has DALI write float16 (half the bytes of float32; normalised pixels lie in
     about [-2.2, 2.7], where fp16 holds more than bf16's 8 mantissa bits) and torch cast it on the GPU (within
     one bf16 rounding of a direct conversion).
-  * File reading, ``parallel`` (default: on for the GPU pipeline): the callback (read bytes, parse the header, draw
-    the parameters: on a CPU, ~6 us a header, ~0.3 ms the parameters of 128 images, plus the reads) then runs in
-    ``py_workers`` processes (DALI's parallel external_source) instead of inside ``pipe.run()`` on the training
-    thread, where it stalls kernel launches. The workers are started with ``spawn`` (default ``py_start_method``):
-    fork is impossible once CUDA is initialised in the process, and a forked child of a multi-threaded torch process
-    can deadlock; spawn costs a few seconds once per loader (the workers import torch), which the build-once design
-    pays once. For the CPU pipeline the default is off: decoding is the bound there, and the worker processes would
-    take cores from DALI's decoder threads. None of this could be measured on a GPU while it was written (the
-    machine had none): the settings follow DALI's documentation and the measurements in issue 6, and
-    benchmarks/bench_loader.py measures them where a GPU is at hand.
+  * File reading, ``parallel`` (default: on for the GPU pipeline over >= 8 batches of records): the callback (read
+    bytes, parse the header, draw the parameters: on a CPU, ~6 us a header, ~0.3 ms the parameters of 128 images,
+    plus the reads) then runs in ``py_workers`` processes (DALI's parallel external_source) instead of inside
+    ``pipe.run()`` on the training thread, where it stalls kernel launches. The workers are started with ``spawn``
+    (default ``py_start_method``): fork is impossible once CUDA is initialised in the process, and a forked child of
+    a multi-threaded torch process can deadlock; spawn costs a few seconds once per loader (the workers import
+    torch), which the build-once design pays once. For the CPU pipeline the default is off: decoding is the bound
+    there, and the worker processes would take cores from DALI's decoder threads. None of this could be measured on
+    a GPU while it was written (the machine had none): the settings follow DALI's documentation and the measurements
+    in issue 6, and benchmarks/bench_loader.py measures them where a GPU is at hand.
   * Transfer to torch: with DALI's dynamic executor, outputs are reference-counted buffers that DALI does not
     reuse while a consumer holds them, so ``torch.from_dlpack`` is zero-copy and safe; a tensor from batch k is
     never overwritten by batch k+1. With the legacy executor the data is copied (``feed_ndarray``).
@@ -238,8 +238,9 @@ class DaliLoader:
     num_threads  DALI CPU worker threads (default: this rank's cores).
     output_dtype torch.float32, torch.float16 or torch.bfloat16 (bf16: DALI writes fp16, torch casts).
     drop_last    drop the epoch's last partial batch; None: train and the epoch holds >= batch_size samples.
-    parallel     run the read callback in ``py_workers`` processes (default: on for "gpu"), started with
-                 ``py_start_method`` (default "spawn").
+    parallel     run the read callback in ``py_workers`` processes, started with ``py_start_method`` (default
+                 "spawn"); default: on for "gpu" when the records hold at least 8 batches (starting the
+                 processes costs seconds, more than reading a few batches on the training thread).
     prefetch     DALI prefetch queue depth (batches in flight), also the parallel source's queue depth.
     interp       "bicubic" or "bilinear".
     decoder_options  extra / overriding keyword arguments of the mixed (GPU) decoder, e.g. hw_decoder_load.
@@ -264,7 +265,9 @@ class DaliLoader:
             raise ValueError(f"DaliLoader: batch_size must be >= 1, got {batch_size}")
         cores = cores_per_rank()
         num_threads = cores if num_threads is None else int(num_threads)
-        parallel = device == "gpu" if parallel is None else bool(parallel)
+        if parallel is None:  # worth its process start-up for the GPU pipeline over more than a few batches
+            parallel = device == "gpu" and len(records) >= 8 * int(batch_size)
+        parallel = bool(parallel)
         py_workers = (2 if cores >= 8 else 1) if py_workers is None else int(py_workers)
         if num_threads < 1 or prefetch < 1 or (parallel and py_workers < 1):
             raise ValueError("DaliLoader: num_threads, prefetch and py_workers must be >= 1")
