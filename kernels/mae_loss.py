@@ -167,6 +167,8 @@ def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
 def _common(imgs, pred, mask, patch):
     B, C, H, W = imgs.shape
     L, P = pred.shape[1], pred.shape[2]
+    if P > MAX_P:
+        raise ValueError(f"mae_loss kernel: a patch of {P} values exceeds MAX_P = {MAX_P}")
     block_l, block_p = _blocks(P)
     n_lblk = triton.cdiv(L, block_l)
     args = (L, W // patch, C, patch, P, *imgs.stride(), *pred.stride(), *mask.stride(),

@@ -346,6 +346,21 @@ def test_torch_compile_fullgraph(backend):
         assert_close(pc.grad, pe.grad, torch.float32, "compiled grad")
 
 
+def test_backend_is_chosen_inside_the_op_at_run_time():
+    """The global choice is read when the op runs, not when it is traced: a compiled graph follows it."""
+    from dermfast.ops import use_backend
+    imgs, pred, mask = inputs(1, 3, 8, 8, 4, torch.float32)
+    f = torch.compile(lambda a, b, c: mae_loss(a, b, c, 4), backend="aot_eager", fullgraph=True)
+    want = mae_loss_ref(imgs, pred, mask, 4)
+    assert torch.equal(f(imgs, pred, mask), want)
+    with use_backend("cuda"):
+        with pytest.raises(BackendUnavailable, match="'cuda' was requested"):
+            f(imgs, pred, mask)
+    if _optional.HAS_TRITON:
+        with use_backend("triton"):
+            assert_close(f(imgs, pred, mask), want, torch.float32, "triton via the global setter")
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 
