@@ -1,4 +1,5 @@
-"""Many processes: 2 torchrun ranks (gloo, CPU) of batch b train the same weights as 1 process of batch 2b.
+"""Many processes: 2 torchrun ranks (gloo, CPU) of batch b train the same weights as 1 process of batch 2b,
+with DDP and with FSDP2 (`--fsdp`, plus `--activation-checkpointing`).
 
 That equality needs every multi-GPU detail right, so this test catches the bugs found in review:
 - the sampler's rank left at 0: both ranks train on the same images -> different weights;
@@ -39,16 +40,19 @@ def _run(tmp: Path, name: str, nproc: int, batch: int, *extra: str) -> Path:
 
 
 @pytest.mark.slow
-def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(tmp_path):
+def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b_ddp_and_fsdp(tmp_path):
     from safetensors.torch import load_file
     one = _run(tmp_path, "one", 1, 8)
     two = _run(tmp_path, "two", 2, 4)
+    sharded = _run(tmp_path, "fsdp", 2, 4, "--fsdp", "--activation-checkpointing")
     a, b = load_file(str(one / "checkpoint.safetensors")), load_file(str(two / "checkpoint.safetensors"))
-    assert a.keys() == b.keys()
+    c = load_file(str(sharded / "checkpoint.safetensors"))  # FSDP2 gathers the full state dict on rank 0
+    assert a.keys() == b.keys() == c.keys()
     # Correct: max |diff| ~4e-5 (reduction order, amplified by Adam's normalised step; lr 1.6e-3). Either bug
     # (rank left at 0, or sample_offset 0) gives ~6e-3 on 15-25 % of the weights.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-4, msg=lambda m: f"DDP {k}: {m}")
+        torch.testing.assert_close(c[k], a[k], rtol=1e-3, atol=2e-4, msg=lambda m: f"FSDP {k}: {m}")
     # rank 0 alone wrote the run folder, and printed the global batch and the lr rule
     import csv
     losses = [[float(r["loss"]) for r in csv.DictReader(open(d / "log.csv"))] for d in (one, two)]

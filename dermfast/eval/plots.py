@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-W, H, PAD = 420, 260, 46
+W, H, PAD = 440, 270, 60
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
 
@@ -36,10 +36,17 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def _panel(title: str, curves: list[tuple[str, list[float], list[float]]], log_y: bool = False) -> Image.Image:
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
+    font = _font(12)
     d.text((PAD, 6), title, fill="black", font=font)
     x0, y0, x1, y1 = PAD, 24, W - 12, H - 30
     d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
@@ -92,3 +99,27 @@ def save_training_plots(log_csv: Path, out: Path, eval_csv: Path | None = None) 
         fig.paste(p, (i * W, 0))
     fig.save(out)
     return Path(out)
+
+
+def save_labelled_grid(grid, path: Path, row_labels: list[str], note: str | None = None, scale: int = 1) -> Path:
+    """grid: [rows*H, cols*W, 3] uint8 (equal-height rows) -> PNG with a label left of each row and an
+    optional note line under the figure; `scale` upsamples small images (nearest) so they are readable."""
+    import numpy as np
+    grid = np.asarray(grid)
+    im = Image.fromarray(grid)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    size = 12 + 4 * min(scale, 3)
+    font = _font(size)
+    label_w = 8 + int(0.6 * size * max((len(s) for s in row_labels), default=0))
+    note_h = size + 12 if note else 0
+    fig = Image.new("RGB", (label_w + im.width, im.height + note_h), "white")
+    fig.paste(im, (label_w, 0))
+    d = ImageDraw.Draw(fig)
+    row_h = im.height / max(1, len(row_labels))
+    for i, text in enumerate(row_labels):
+        d.text((4, int(row_h * (i + 0.5)) - size // 2), text, fill="black", font=font)
+    if note:
+        d.text((4, im.height + 6), note, fill=(60, 60, 60), font=font)
+    fig.save(path)
+    return Path(path)

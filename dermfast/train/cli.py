@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     info = stages[stage]
     parser = _base_parser(stages, add_help=True)
     add_config_arguments(parser, info.cls.Config)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a malformed flag (2, already printed as one line)
+        return int(e.code or 0)
 
     from dermfast.data.loader import LoaderUnavailable
     from dermfast.data.records import DatasetError

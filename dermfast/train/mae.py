@@ -88,11 +88,20 @@ class MAEStage(Stage):
         return {"preset": self.preset.to_dict()}
 
     def finish(self, run) -> list:
-        from dermfast.eval.mae_vis import reconstruction_grid, save_reconstruction_png
+        """reconstruction.png: 8 training images, one row each of original / masked / reconstruction /
+        reconstruction with the visible patches pasted back, labelled."""
+        from dermfast.eval.mae_vis import reconstruction_grid
+        from dermfast.eval.plots import save_labelled_grid
         vis_records = self.records.subset(range(min(8, len(self.records))))
         vis = next(iter(run.eval_loader(vis_records, self.aug, batch_size=8, workers=0)))["image"]
-        if not run.is_main:
-            if run.cfg.fsdp:  # sharded parameters: every rank takes part in the forward pass
-                reconstruction_grid(run.raw_model, vis, seed=run.cfg.seed)
+        if not run.is_main and not run.cfg.fsdp:  # FSDP: every rank takes part in the forward pass
             return []
-        return [save_reconstruction_png(run.raw_model, vis, run.run_dir / "reconstruction.png", seed=run.cfg.seed)]
+        grid = reconstruction_grid(run.raw_model, vis, seed=run.cfg.seed)
+        if not run.is_main:
+            return []
+        p = self.preset
+        labels = ["original", f"masked ({p.mask_ratio:.0%})", "reconstruction", "recon. + visible"]
+        note = ("norm-pix loss: each reconstructed patch is shown with the true patch's mean and variance "
+                "restored (as in the MAE paper's figures)") if p.norm_pix_loss else None
+        return [save_labelled_grid(grid, run.run_dir / "reconstruction.png", labels, note,
+                                   scale=max(1, 256 // vis.shape[-1]))]
