@@ -53,7 +53,10 @@ def report() -> str:
             chosen = f"none ({e.__class__.__name__})"
         lines.append(f"  {name:<16} -> {chosen}")
         for b in BACKENDS:
-            lines.append(f"      {b:<7} {'fits' if reasons[b] is None else reasons[b]}")
+            why = reasons[b]
+            if why is None and b == "triton" and device.type == "cpu":
+                why = "fits when asked for explicitly (interpreter on CPU); automatic choice skips it"
+            lines.append(f"      {b:<7} {'fits' if why is None else why}")
     return "\n".join(lines)
 
 

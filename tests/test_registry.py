@@ -62,11 +62,17 @@ def test_explicit_backend_is_refused_with_every_reason():
 
 def test_explicit_backend_on_a_real_op_and_the_global_setter():
     x = torch.randn(2, 9, 8)
-    with pytest.raises(BackendUnavailable, match="random_masking: backend 'triton' was requested"):
-        random_masking(x, 0.5, seed=0, step=0, backend="triton")
+    with pytest.raises(BackendUnavailable, match="random_masking: backend 'cuda' was requested"):
+        random_masking(x, 0.5, seed=0, step=0, backend="cuda")
     with use_backend("cuda"):
         with pytest.raises(BackendUnavailable, match="cuda: "):
             random_masking(x, 0.5, seed=0, step=0)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, dermfast.ops as o\n"
+            "try:\n    o.random_masking(torch.randn(1, 4, 4), 0.5, 0, 0, backend='triton')\n"
+            "except o.BackendUnavailable as e:\n    print('REFUSED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "REFUSED" in r.stdout and "TRITON_INTERPRET=1" in r.stdout, r.stdout + r.stderr
     out = random_masking(x, 0.5, seed=0, step=0)  # restored to automatic
     assert out[0].shape == (2, 4, 8)
     with pytest.raises(ValueError, match="accepted: auto, cuda, triton, torch"):
@@ -78,9 +84,9 @@ def test_env_var_requests_a_backend():
             "try:\n    o.random_masking(torch.randn(1, 4, 4), 0.5, 0, 0)\n"
             "except o.BackendUnavailable as e:\n    print('REFUSED', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=_env(DERMFAST_BACKEND="triton"), timeout=120)
+                       env=_env(DERMFAST_BACKEND="cuda"), timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "REFUSED" in r.stdout and "triton" in r.stdout
+    assert "REFUSED" in r.stdout and "backend 'cuda' was requested" in r.stdout
     r = subprocess.run([sys.executable, "-c", "import dermfast.ops"], capture_output=True, text=True,
                        env=_env(DERMFAST_BACKEND="bogus"), timeout=120)
     assert r.returncode != 0 and "DERMFAST_BACKEND='bogus' is not a backend" in r.stderr
@@ -103,4 +109,5 @@ def test_info_reports_the_backend_per_op():
     out = r.stdout
     assert "torch " in out and "op dispatch" in out
     assert "random_masking   -> torch" in out and "mae_loss         -> torch" in out
-    assert "no triton implementation of mae_loss yet" in out
+    assert "triton  fits when asked for explicitly (interpreter on CPU)" in out
+    assert "cuda    the compiled extension" in out or "cuda    needs a CUDA tensor" in out
