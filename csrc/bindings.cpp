@@ -37,6 +37,11 @@ void kd_loss_fwd(std::uintptr_t s, std::uintptr_t t, std::uintptr_t y, std::uint
                  std::uintptr_t loss, std::uintptr_t grad, std::int64_t n, std::int64_t c, std::int64_t stride_s,
                  std::int64_t stride_t, int s_dtype, int t_dtype, double inv_t, double kd_loss_scale,
                  double kd_grad_scale, double ce_scale, int device, std::uintptr_t stream);
+// random_masking.cu
+void random_masking_fwd(std::uintptr_t x, std::uintptr_t pos, std::uintptr_t vis, std::uintptr_t mask,
+                        std::uintptr_t ids_restore, std::uintptr_t ids_keep, std::uintptr_t cu_seqlens,
+                        std::int64_t B, std::int64_t L, std::int64_t D, int dtype, int mask_dtype,
+                        std::int64_t h_step, std::int64_t sample_offset, int device, std::uintptr_t stream);
 }  // namespace dermfast
 
 namespace py = pybind11;
@@ -100,4 +105,14 @@ PYBIND11_MODULE(_C, m) {
           "s, t: [n, c] logits, unit column stride, row strides stride_s / stride_t; dtype codes 0 f32, 1 f16, "
           "2 bf16. y: [n] int64 targets or 0; w: [c] fp32 class weights or 0; wsum: fp32 scalar dividing the CE "
           "coefficient or 0. Use dermfast.ops.kd_loss, which validates and computes the scales.");
+    m.def("random_masking_fwd", &dermfast::random_masking_fwd, py::arg("x"), py::arg("pos"), py::arg("vis"),
+          py::arg("mask"), py::arg("ids_restore"), py::arg("ids_keep"), py::arg("cu_seqlens"), py::arg("B"),
+          py::arg("L"), py::arg("D"), py::arg("dtype"), py::arg("mask_dtype"), py::arg("h_step"),
+          py::arg("sample_offset"), py::arg("device"), py::arg("stream") = 0,
+          py::call_guard<py::gil_scoped_release>(),
+          "MAE random masking forward (csrc/random_masking.cu), one block per sample, asynchronous on `stream`.\n\n"
+          "x [B, L, D], pos [L, D] (or 0), vis [T, D]: contiguous device addresses, dtype code 0 f32, 1 f16, "
+          "2 bf16; mask [B, L] (mask_dtype code, 0 keep 1 remove), ids_restore [B, L] int64, ids_keep [T] int64; "
+          "cu_seqlens [B+1] int32 input (row b keeps cu[b+1]-cu[b] patches); 1 <= L <= 4096; D == 0: indices "
+          "only. h_step = hash(hash(seed) ^ step) (uint32). Use dermfast.ops.random_masking, which validates.");
 }
