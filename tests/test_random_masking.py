@@ -270,6 +270,24 @@ def test_compiles_fullgraph_without_recompiling_per_step():
     assert counter.frame_count <= 2  # the first step static, then step is a SymInt: no recompile per step
 
 
+def test_ragged_compiles_with_a_data_dependent_size():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 16, 8, requires_grad=True)
+    ratios = torch.tensor([0.5, 0.75, 0.25])
+
+    def f(x, step):
+        r = random_masking(x, ratios, seed=3, step=step)
+        return r.visible.sum(0), r.cu_seqlens
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)  # T is an unbacked size in the fake impl
+    for step in range(2):
+        (got, cu), (want, cu_ref) = cf(x, step), f(x, step)
+        got.sum().backward()
+        assert torch.equal(got, want) and torch.equal(cu, cu_ref) and cu.tolist() == [0, 8, 12, 24]
+
+
 # GPU: bf16, ViT-H shapes, the CUDA extension -------------------------------------------------------------
 
 
