@@ -343,6 +343,7 @@ def test_pipeline_built_once_over_three_epochs_each_in_the_samplers_order(record
         assert _cat(batches, "source").tolist() == records.source[idx].tolist()
         images.append(_cat(batches, "image"))
     assert len(built) == 1 and loader.builds == 1
+    assert loader.restarts == 0  # one DALI epoch streamed all three: nothing drained at the boundaries
     assert not torch.equal(images[0], images[1])  # new epoch: new order and new augmentations
 
 
@@ -377,22 +378,24 @@ def test_resume_mid_epoch_gives_the_remaining_batches_exactly(records, stop_afte
     assert torch.equal(_cat(_epoch(resumed), "image"), _cat(_epoch(full), "image"))
 
 
-def test_resume_skips_reading_the_batches_already_seen(records):
-    reads = []
+def test_resume_skips_reading_the_batches_already_seen(records, monkeypatch):
+    asked = []  # (epoch, first position) of every batch the source read
+    real_locate = dl._BatchSource.locate
 
-    class CountingStore:
-        def read(self, key):
-            reads.append(key)
-            with open(key, "rb") as f:
-                return f.read()
+    def locate(self, j, i):
+        epoch, start, k = real_locate(self, j, i)
+        asked.append((epoch, self.plan.batch_rows(epoch, start, k)[0]))
+        return epoch, start, k
 
-    rec = ImageRecords(list(records.paths), records.labels, records.classes, records.source, store=CountingStore())
-    loader = _cpu(rec, TRAIN_AUG, 6, train=True, seed=5)
+    monkeypatch.setattr(dl._BatchSource, "locate", locate)
+    loader = _cpu(records, TRAIN_AUG, 6, train=True, seed=5)
     loader.load_state_dict({"epoch": 0, "position": 12, "seed": 5, "sampler": None})
     batches = _epoch(loader)
     assert len(batches) == 1  # 20 images, batches of 6: batch 2 is the only one left
     order = np.random.default_rng([5, 0]).permutation(N)
-    assert sorted(reads) == sorted(records.paths[i] for i in order[12:18])
+    assert _cat(batches, "label").tolist() == records.labels[order[12:18]].tolist()
+    assert [p for e, p in asked if e == 0] == [12]  # batches 0 and 1 of epoch 0 were never read
+    assert all(e == 1 for e, _ in asked[1:])  # the rest is the next epoch, read ahead
 
 
 def test_epoch_boundary_and_jumps_do_not_rebuild(records):
@@ -406,8 +409,24 @@ def test_epoch_boundary_and_jumps_do_not_rebuild(records):
     got.update(_images(loader, 1, break_after=(0, 1)))  # left early
     loader.set_epoch(1)
     got.update(_images(loader, 1))
-    assert loader.builds == 1
+    assert loader.builds == 1 and loader.restarts == 3  # each move ends a DALI epoch early; none rebuilds
     assert torch.equal(got[2], want[2]) and torch.equal(got[1], want[1]) and torch.equal(got[0], want[0][:6])
+
+
+def test_the_next_epoch_is_read_ahead_across_the_boundary(records, monkeypatch):
+    asked = []  # the epoch of every batch the source was asked for
+    real_call = dl._BatchSource.__call__
+
+    def call(self, info):
+        asked.append(self.locate(info.epoch_idx, info.iteration)[:1])
+        return real_call(self, info)
+
+    monkeypatch.setattr(dl._BatchSource, "__call__", call)
+    loader = _cpu(records, TRAIN_AUG, 6, train=True, seed=5, prefetch=3)
+    it = iter(loader)
+    for _ in range(len(loader)):  # every batch of epoch 0, the iterator not yet finished
+        next(it)
+    assert (1,) in asked  # epoch 1's first batch is already on its way: the boundary does not wait for it
 
 
 def test_resumed_at_the_end_of_an_epoch_yields_nothing_then_the_next(records):

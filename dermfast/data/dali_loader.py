@@ -12,16 +12,19 @@ Design
     (``builds`` counts builds: 1 unless an epoch failed, which throws the pipeline away). A rebuild per epoch
     cost 2-3 s per epoch boundary on an H100 (decoder buffers, worker processes).
   * Input: ``fn.external_source`` with a batch callback (`_BatchSource`), since DALI's file readers cannot take a
-    user sampler. DALI numbers its own epochs (``BatchInfo.epoch_idx``, +1 per ``reset()``); the loader writes,
-    before DALI epoch j starts, a plan slot j = (our epoch, start position, batches) into a tiny int64 table
-    (`_Plan`), and the callback maps (epoch_idx, iteration) -> rows of ``EpochOrder(epoch)`` (the sampler's
-    ``rank_indices``, a pure function of the epoch, also computable in a worker process). At the end of an epoch the
-    plan for the next epoch (e + 1 from position 0) is written and the pipeline reset at once, so DALI starts
-    decoding the next epoch while the training loop finishes its own: the boundary costs about the pipeline's
-    latency for one batch, not a rebuild (dali-cpu on a 2-core CPU, bench_loader --quick: 27-38 ms boundary against
-    14-23 ms a batch; the GPU pipeline is unmeasured). A loader asked for something else (``set_epoch`` to another
-    epoch, ``load_state_dict``, an epoch left with ``break``) ends the DALI epoch early by lowering its plan's batch
-    count, drains the few batches already in flight, and moves on: still no rebuild.
+    user sampler. The pipeline streams epochs without a break: DALI numbers its own epochs
+    (``BatchInfo.epoch_idx``, +1 per ``reset()``) and iterations; a tiny int64 table (`_Plan`) says where DALI
+    epoch j starts (our epoch, start position), and the callback maps iteration i to batch k of epoch e by
+    walking `EpochPlan.num_batches` from there (epoch e + 1 follows epoch e from its start), reading the rows of
+    the sampler's ``rank_indices(e)``, a pure function of the epoch that a worker process computes as well. So
+    DALI's prefetch runs across epoch boundaries: when the training loop takes the last batch of epoch e, the
+    first batches of e + 1 are already being read and decoded, and the boundary costs what a batch costs, not a
+    rebuild (dali-cpu on a loaded 2-core CPU, bench_loader --quick: 29 ms boundary, 25 ms a batch; the GPU
+    pipeline is unmeasured). A loader asked for something else (``set_epoch`` to another epoch,
+    ``load_state_dict`` after running, an epoch left with ``break``) ends the DALI epoch by lowering its
+    ``stop`` in the table, drains the few batches already in flight, resets and streams from the new place
+    (``restarts`` counts these): still no rebuild. Every batch carries its (epoch, position) per sample, which
+    the loader checks against what is due.
   * Augmentation parameters come from the host: `augment.sample_train_params` draws each sample's crop window, flip
     and jitter factors from a hash of (seed, rank, epoch, position in the epoch), using the image size read from the
     encoded header (`augment.image_size`, microseconds a JPEG). They reach DALI as per-sample tensors of the same
@@ -89,7 +92,7 @@ import torch
 
 from dermfast._optional import DALI_REASON, HAS_DALI
 from dermfast.data.augment import Augment, image_size, sample_train_params
-from dermfast.data.loader import EpochOrder, EpochPlan, cores_per_rank
+from dermfast.data.loader import EpochPlan, cores_per_rank
 from dermfast.data.records import ImageRecords
 
 DALI_INSTALL_HINT = "uv pip install nvidia-dali-cuda130"
@@ -113,14 +116,17 @@ def _import_dali():
 
 
 class _Plan:
-    """Ring of plan slots, int64 [slots, 4]: (DALI epoch index, our epoch, start position, batches).
+    """Ring of plan slots, int64 [slots, 4]: (DALI epoch index, base epoch, base start position, stop iteration).
 
-    The loader writes slot j before DALI epoch j starts and may lower its batch count to end that epoch early;
-    the callback reads it. In-process it is a numpy array; ``shared=True`` backs it with a file (in /dev/shm
-    where there is one) that worker processes map, so plans written after the workers started reach them.
+    DALI epoch j streams batches from epoch ``base epoch`` at ``base start`` on, then the following epochs from
+    their starts, without end, until iteration ``stop`` (no stop: int64 max). The loader writes slot j before
+    DALI epoch j starts and lowers ``stop`` to end it; the callback reads it. In-process it is a numpy array;
+    ``shared=True`` backs it with a file (in /dev/shm where there is one) that worker processes map, so plans
+    written after the workers started reach them.
     """
 
     SLOTS = 8
+    NO_STOP = np.iinfo(np.int64).max
 
     def __init__(self, shared: bool):
         self.path = None
@@ -141,24 +147,25 @@ class _Plan:
     def __setstate__(self, state):
         self.path, self.table = state["path"], None  # mapped on first read, in the worker
 
-    def write(self, j: int, epoch: int, start: int, batches: int) -> None:
+    def write(self, j: int, epoch: int, start: int) -> None:
         row = self.table[j % self.SLOTS]
         row[0] = -1  # invalid while being rewritten
-        row[1:] = (epoch, start, batches)
+        row[1:] = (epoch, start, self.NO_STOP)
         row[0] = j
 
-    def end_early(self, j: int, batches: int) -> None:
+    def end_early(self, j: int, stop: int) -> None:
+        """DALI epoch j ends at iteration `stop` (iterations already computed still come out)."""
         row = self.table[j % self.SLOTS]
         if row[0] == j:
-            row[3] = min(int(row[3]), int(batches))
+            row[3] = min(int(row[3]), int(stop))
 
     def read(self, j: int) -> tuple[int, int, int]:
         if self.table is None:
             self.table = np.memmap(self.path, dtype=np.int64, mode="r", shape=(self.SLOTS, 4))
-        tag, epoch, start, batches = (int(v) for v in self.table[j % self.SLOTS])
+        tag, epoch, start, stop = (int(v) for v in self.table[j % self.SLOTS])
         if tag != j:
             raise RuntimeError(f"DaliLoader: no plan for DALI epoch {j} (slot holds {tag})")
-        return epoch, start, batches
+        return epoch, start, stop
 
     def close(self) -> None:
         if self.path is not None:
@@ -173,32 +180,48 @@ def _unlink(path: str) -> None:
 
 
 class _BatchSource:
-    """external_source callback: batch ``info.iteration`` of the epoch planned for DALI epoch ``info.epoch_idx``.
+    """external_source callback: iteration ``info.iteration`` of DALI epoch ``info.epoch_idx``, i.e. batch k of
+    our epoch e, where the plan slot gives the stream's start (base epoch, base start) and epochs follow one
+    another with `EpochPlan.num_batches` batches each.
 
-    Plain picklable state (records, the epoch order, the plan, the recipe), no loader reference, so DALI's
-    parallel mode can run it in worker processes. Returns encoded bytes, label, source and, for training, the
-    per-sample augmentation parameters (window anchor and shape, flip, jitter factors).
+    Plain picklable state (records, the epoch plan, the plan table, the recipe), no loader reference, so DALI's
+    parallel mode can run it in worker processes. Returns encoded bytes, label, source, (epoch, position) per
+    sample (the loader checks it) and, for training, the per-sample augmentation parameters (window anchor and
+    shape, flip, jitter factors).
     """
 
-    def __init__(self, records: ImageRecords, order: EpochOrder, plan: _Plan, batch_size: int, train: bool,
-                 aug: Augment, seed: int, rank: int):
-        self.records, self.order, self.plan = records, order, plan
-        self.batch_size, self.train, self.aug, self.seed, self.rank = int(batch_size), train, aug, seed, rank
+    def __init__(self, records: ImageRecords, plan: EpochPlan, table: _Plan, train: bool, aug: Augment,
+                 seed: int, rank: int):
+        self.records, self.plan, self.table = records, plan, table
+        self.train, self.aug, self.seed, self.rank = train, aug, seed, rank
+        self._cursor = None  # (DALI epoch, epoch, start, its first iteration): iterations come in rising order
 
-    def rows(self, epoch: int, start: int, k: int) -> np.ndarray:
-        lo = start + k * self.batch_size
-        return np.arange(lo, min(lo + self.batch_size, len(self.order(epoch))))
+    def locate(self, j: int, i: int) -> tuple[int, int, int]:
+        """(epoch, start, k): DALI epoch j's iteration i is batch k of `epoch`'s iteration from `start`."""
+        base_epoch, base_start, stop = self.table.read(j)
+        if i >= stop:
+            raise StopIteration
+        cur = self._cursor
+        if cur is None or cur[0] != j or i < cur[3]:
+            cur = (j, base_epoch, base_start, 0)
+        _, epoch, start, first = cur
+        for _ in range(1_000_000):
+            n = self.plan.num_batches(epoch, start)
+            if i < first + n:
+                self._cursor = (j, epoch, start, first)
+                return epoch, start, i - first
+            epoch, start, first = epoch + 1, 0, first + n
+        raise RuntimeError(f"DaliLoader: no batch for iteration {i} within a million epochs (empty epochs?)")
 
     def __call__(self, info):
-        epoch, start, batches = self.plan.read(int(info.epoch_idx))
-        k = int(info.iteration)
-        if k >= batches:  # the epoch's end, also for prefetch calls past it: DALI may ask a few batches ahead
-            raise StopIteration
-        positions = self.rows(epoch, start, k)
-        idx = self.order(epoch)[positions]
+        epoch, start, k = self.locate(int(info.epoch_idx), int(info.iteration))
+        lo, hi = self.plan.batch_rows(epoch, start, k)
+        positions = np.arange(lo, hi)
+        idx = self.plan.order(epoch)[positions]
         rec = self.records
         data = [rec.read_bytes(int(i)) for i in idx]
-        out = [[np.frombuffer(d, dtype=np.uint8) for d in data], rec.labels[idx], rec.source[idx]]
+        where = np.stack([np.full(len(positions), epoch), positions], 1).astype(np.int64)
+        out = [[np.frombuffer(d, dtype=np.uint8) for d in data], rec.labels[idx], rec.source[idx], where]
         if self.train:
             sizes = np.array([_size_of(d, rec.paths[i]) for d, i in zip(data, idx)], np.int64).reshape(-1, 2)
             p = sample_train_params(self.aug, self.seed, self.rank, epoch, positions, sizes[:, 0], sizes[:, 1])
@@ -299,11 +322,12 @@ class DaliLoader:
                               drop_last=drop_last)
         self.rank = self.plan.rank
         self.builds = 0          # pipelines built by this loader: 1 over any number of epochs unless one failed
+        self.restarts = 0        # DALI epochs ended early (a jump, a resume or a break): drained, not rebuilt
         self._pipe = None
         self._table: _Plan | None = None
-        self._j = 0              # the DALI epoch the pipeline serves next (its plan slot is written)
-        self._j_plan = None      # (epoch, start, batches) planned for DALI epoch _j
-        self._j_taken = 0        # batches of DALI epoch _j already taken out of the pipeline
+        self._j = 0              # the DALI epoch the pipeline is streaming
+        self._taken = 0          # batches of DALI epoch _j taken out of the pipeline
+        self._next = None        # (epoch, start, k): what the pipeline's next output is
         self._active = None      # token of the running epoch's iterator
 
     # --- epochs and state (EpochPlan) ---------------------------------------------------------------------
@@ -358,8 +382,7 @@ class DaliLoader:
         interp = getattr(types, _INTERP[self.interp])
         self._table = _Plan(shared=self.parallel)
         weakref.finalize(self, self._table.close)
-        source = _BatchSource(self.records, self.plan.order, self._table, self.batch_size, self.train, aug,
-                              self.seed, self.rank)
+        source = _BatchSource(self.records, self.plan, self._table, self.train, aug, self.seed, self.rank)
         # The dynamic executor (DALI >= 2.0's default; asked for explicitly for older 1.x releases) is what makes
         # zero-copy DLPack outputs safe.
         dynamic = {"exec_dynamic": True} if "exec_dynamic" in inspect.signature(dali.Pipeline).parameters else {}
@@ -369,19 +392,19 @@ class DaliLoader:
                              py_start_method=self.py_start_method, **dynamic)
         with pipe:
             extra = {"parallel": True, "prefetch_queue_depth": self.prefetch} if self.parallel else {}
-            dtypes, ndims = [types.UINT8, types.INT64, types.UINT8], [1, 0, 0]
+            dtypes, ndims = [types.UINT8, types.INT64, types.UINT8, types.INT64], [1, 0, 0, 1]
             used = _used_params(aug) if self.train else []
             if self.train:
                 dtypes += [types.INT32, types.INT32] + [types.INT32 if u == "flip" else types.FLOAT for u in used]
                 ndims += [1, 1] + [0] * len(used)
             outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
                                       dtype=dtypes, ndim=ndims, **extra)
-            encoded, label, src = outs[:3]
+            encoded, label, src, where = outs[:4]
             decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB, "adjust_orientation": False,
                        **self._decoder_kwargs()}
             if self.train:
-                anchor, shape = outs[3:5]
-                p = dict(zip(used, outs[5:]))
+                anchor, shape = outs[4:6]
+                p = dict(zip(used, outs[6:]))
                 img = fn.decoders.image_slice(encoded, anchor, shape, **decoder)
                 img = fn.resize(img, size=[s, s], interp_type=interp, antialias=True)
                 img = self._jitter(img, fn, types, gpu, p)
@@ -397,8 +420,8 @@ class DaliLoader:
                                              output_layout="CHW", **crop)
             if gpu:
                 label, src = label.gpu(), src.gpu()
-            pipe.set_outputs(image, label, src)
-        self._pipe, self._j, self._j_plan, self._j_taken = pipe, 0, None, 0
+            pipe.set_outputs(image, label, src, where)  # `where` stays on the CPU: the loader checks it
+        self._pipe, self._j, self._taken, self._next = pipe, 0, 0, None
         self.builds += 1
         return pipe
 
@@ -430,31 +453,36 @@ class DaliLoader:
 
     def _release(self) -> None:
         # Dropping the last reference frees DALI's pipeline and stops its Python workers.
-        self._pipe, self._j_plan, self._j_taken = None, None, 0
+        self._pipe, self._taken, self._next = None, 0, None
         if self._table is not None:
             self._table.close()
             self._table = None
 
-    def _start_dali_epoch(self, j: int, plan: tuple[int, int, int]) -> None:
-        """Write DALI epoch j's plan; the pipeline (reset to j, or new) then fetches its batches."""
-        self._table.write(j, *plan)
-        self._j, self._j_plan, self._j_taken = j, plan, 0
+    def _start_dali_epoch(self, j: int, epoch: int, start: int) -> None:
+        """Write DALI epoch j's plan: stream from `epoch` at `start` on (the pipeline is new or reset to j)."""
+        self._table.write(j, epoch, start)
+        self._j, self._taken, self._next = j, 0, (epoch, start, 0)
 
     def _drain(self) -> None:
         """End DALI epoch _j now: no batch beyond those already in flight, which are decoded and dropped."""
-        self._table.end_early(self._j, self._j_taken)
+        self._table.end_early(self._j, self._taken)
         while True:
             try:
                 self._pipe.run()
             except StopIteration:
                 break
         self._pipe.reset()
+        self.restarts += 1
+
+    def _advance(self) -> None:
+        epoch, start, k = self._next
+        more = k + 1 < self.plan.num_batches(epoch, start)
+        self._next = (epoch, start, k + 1) if more else (epoch + 1, 0, 0)
 
     # --- iteration --------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         self._active = None  # a previous epoch's iterator, if still open, is superseded
         epoch, start, batches = self.plan.begin()
-        want = (epoch, start, batches)
         token = object()
         self._active = token
         if batches == 0:  # nothing left in this epoch (resumed at its end): DALI is not asked for anything
@@ -463,48 +491,47 @@ class DaliLoader:
         try:
             if self._pipe is None:
                 self._build()
-                self._start_dali_epoch(0, want)
+                self._start_dali_epoch(0, epoch, start)
                 self._build_pipeline()
-            elif self._j_plan != want or self._j_taken:
-                # The pipeline is prefetching another plan (the default next epoch), or an epoch was left early.
-                self._table.write(self._j + 1, *want)
+            elif self._next != (epoch, start, 0):
+                # The pipeline streams something else (the epoch after the last one run, or the rest of an epoch
+                # left early): end that DALI epoch, drop what is in flight, stream from here.
+                self._table.write(self._j + 1, epoch, start)
                 self._drain()
-                self._start_dali_epoch(self._j + 1, want)
+                self._start_dali_epoch(self._j + 1, epoch, start)
         except Exception:
             self._release()
             raise
-        return self._run(token, want)
+        return self._run(token, epoch, start, batches)
 
-    def _run(self, token, want: tuple[int, int, int]) -> Iterator[dict]:
-        epoch, start, batches = want
+    def _run(self, token, epoch: int, start: int, batches: int) -> Iterator[dict]:
         pipe, done = self._pipe, False
         try:
-            for k in range(batches + 1):
+            for k in range(batches):
                 if self._active is not token:
                     raise RuntimeError("DaliLoader: this epoch's iterator was superseded by a newer "
                                        "iter(loader); iterate one epoch at a time")
                 try:
                     outs = pipe.run()
                 except StopIteration:
-                    if k != batches:
-                        raise RuntimeError(f"DaliLoader: DALI ended epoch {epoch} after {k} batches, "
-                                           f"expected {batches}") from None
-                    break
+                    raise RuntimeError(f"DaliLoader: DALI ended epoch {epoch} after {k} of {batches} batches") \
+                        from None
                 except RuntimeError as e:
                     raise self._decode_error(e, epoch, start, k) from e
-                if k == batches:
-                    raise RuntimeError(f"DaliLoader: DALI gave more than the {batches} batches of epoch {epoch}")
-                self._j_taken += 1
-                batch = self._to_torch(pipe, outs)
+                self._taken += 1
                 lo, hi = self.plan.batch_rows(epoch, start, k)
+                got = tuple(int(v) for v in outs[3].at(0))
+                if got != (epoch, lo) or len(outs[3]) != hi - lo:
+                    raise RuntimeError(f"DaliLoader: DALI delivered (epoch, position) {got} x {len(outs[3])} where "
+                                       f"({epoch}, {lo}) x {hi - lo} was due: a plan mismatch (a bug)")
+                self._advance()
+                batch = self._to_torch(pipe, outs[:3])
                 self.plan.advance(hi - lo)
                 yield batch
-            # The epoch is done: plan the next one (e + 1 from its start) and let DALI start on it right away.
+            # Done. The pipeline already decodes the next epoch's first batches (the stream goes on), which is
+            # what the next iteration asks for unless the caller moves elsewhere.
             self.plan.finish()
             done = True
-            nxt = self.plan.epoch
-            self._start_dali_epoch(self._j + 1, (nxt, 0, self.plan.num_batches(nxt)))
-            pipe.reset()
         except Exception:
             if self._pipe is pipe:  # a failed pipeline is never reused
                 self._release()
@@ -513,7 +540,7 @@ class DaliLoader:
             if not done and self._active is token:  # left early (break), or failed
                 self.plan.finish()
                 if self._pipe is pipe and self._table is not None:
-                    self._table.end_early(self._j, self._j_taken)  # drained by the next iteration
+                    self._table.end_early(self._j, self._taken)  # drained by the next iteration
 
     def _to_torch(self, pipe, outs) -> dict:
         image, label, src = (self._tensor(pipe, o) for o in outs)

@@ -53,24 +53,28 @@ def cores_per_rank() -> int:
 class EpochOrder:
     """epoch -> this rank's sample indices for that epoch, int64 [n]; a pure function of the epoch.
 
-    Picklable (DALI's parallel source ships it to its worker processes), and caches the last epoch asked for.
+    Picklable (DALI's parallel source ships it to its worker processes); keeps the last two epochs asked for
+    (around an epoch boundary both are in use).
     """
 
     def __init__(self, n: int, train: bool, sampler=None, seed: int = 0):
         self.n, self.train, self.sampler, self.seed = int(n), bool(train), sampler, int(seed)
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._cached: dict[int, np.ndarray] = {}
 
     def __call__(self, epoch: int) -> np.ndarray:
         epoch = int(epoch)
-        if self._cached is None or self._cached[0] != epoch:
+        order = self._cached.get(epoch)
+        if order is None:
             if self.sampler is not None:
                 order = np.asarray(self.sampler.rank_indices(epoch), dtype=np.int64)
             elif self.train:
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int64)
             else:
                 order = np.arange(self.n, dtype=np.int64)
-            self._cached = (epoch, order)
-        return self._cached[1]
+            if len(self._cached) >= 2:
+                self._cached.pop(next(iter(self._cached)))
+            self._cached[epoch] = order
+        return order
 
 
 class EpochPlan:
