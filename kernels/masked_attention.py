@@ -5,7 +5,8 @@ Why the kernels are shaped this way
 * Two layouts, one kernel body. Packed varlen: q, k, v [T, H, Dh] with cu_seqlens [B+1] (a token attends only
   to the tokens of its own segment). Padded: [B, H, N, Dh] with lengths [B] (dense = every length is N).
   Tensors are addressed through (batch, token, head) strides, so timm's strided q / k / v views of the qkv
-  projection are read in place (only the last dim must be contiguous).
+  projection are read in place (the last dim must have unit stride: the launchers copy a tensor whose last dim
+  is strided, which the kernels would otherwise mis-read as contiguous columns).
 * Packing short segments into one program (PACKED schedule, the packed layout). A program owns BLOCK_M
   consecutive *packed* rows, whatever segments they belong to, and sweeps the keys of the union of those
   segments, [cu[seg(first row)], cu[seg(last row) + 1]), under a block-diagonal mask: key j is visible to row i
@@ -336,6 +337,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """The kernels address columns as base + col (unit stride): copy a tensor whose last dim is strided."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _grid_ok(lay: "_Layout") -> None:
+    if lay.heads > 65535 or lay.batch > 65535:
+        raise ValueError(f"masked_attention kernel: grid y = heads ({lay.heads}) and z = batch ({lay.batch}) "
+                         f"must be <= 65535 (pack the batch with cu_seqlens instead)")
+
+
 def _bth(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
     """(batch, token, head) strides of a [T, H, ...] (packed) or [B, H, N, ...] (padded) tensor."""
     if packed:
@@ -387,6 +399,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
     if lay.empty:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
+    _grid_ok(lay)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     args = (q, k, v, out, lse, lay.cu, lay.seg, lay.lens, *_bth(q, packed), *_bth(k, packed), *_bth(v, packed),
             *_bth(out, packed), *_bth(lse, packed), lay.n_pos, scale * LOG2E, lay.len_hint)
     consts = dict(D0=d0, D1=d1, PACKED=packed, HAS_LENS=lay.has_lens, PREC=_precision(q.dtype))
@@ -412,8 +426,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     lay = _Layout(q, cu_seqlens, lengths)
     if lay.empty:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    if do.stride(-1) != 1:
-        do = do.contiguous()
+    _grid_ok(lay)
+    q, k, v, out, do = (_unit_last(x) for x in (q, k, v, out, do))
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None

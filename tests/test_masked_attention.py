@@ -427,3 +427,50 @@ def test_gpu_fp32_and_head_dims(D):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(a.double(), b, atol=2e-2 if tf32 else 1e-4, rtol=2e-2 if tf32 else 1e-4,
                                    msg=name)
+
+
+# ------------------------------------------------------------------------------------ review regressions
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_triton_strided_last_dim_is_read_correctly(layout):
+    """q / k / v whose last dim is not unit-stride (a slice of an interleaved buffer): the kernels address columns
+    as base + col, so such a view used to be silently mis-read (error ~3 in the forward)."""
+    if layout == "packed":
+        lengths = [5, 11]
+        buf = torch.randn(sum(lengths), 1, 32, 3)
+        kw, kw_ref = {"cu_seqlens": cu_of(lengths)}, {"cu_seqlens": cu_of(lengths)}
+    else:
+        buf = torch.randn(2, 1, 9, 32, 3)
+        kw = kw_ref = {"lengths": torch.tensor([9, 4])}
+    q, k, v = buf[..., 0], buf[..., 1], buf[..., 2]
+    assert q.stride(-1) == 3
+    g = torch.randn(q.shape)
+    got = fwd_bwd(masked_attention, q, k, v, g, backend="triton", **kw)
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double(), **kw_ref)
+    check_against_reference(got, ref, ref, torch.float32)
+    grad_strided = g.new_empty(g.shape + (2,))[..., 0].copy_(g)  # upstream gradient strided too
+    got2 = fwd_bwd(masked_attention, q, k, v, grad_strided, backend="triton", **kw)
+    check_against_reference(got2, ref, ref, torch.float32)
+
+
+@pytest.mark.parametrize("fwd_blocks,bwd_blocks", [((64, 16), (64, 16)), ((16, 64), (16, 64))])
+def test_triton_unequal_tile_shapes(monkeypatch, fwd_blocks, bwd_blocks):
+    """The GPU configs pair BLOCK_M != BLOCK_N and BLOCK_MAJOR != BLOCK_MINOR; the interpreter's one config has them
+    equal, which would hide an index mix-up between the two. Run both orders on packed and padded input."""
+    from dermfast.kernels import masked_attention as kern
+    monkeypatch.setattr(kern, "_INTERP_FWD", dict(zip(("BLOCK_M", "BLOCK_N"), fwd_blocks)))
+    monkeypatch.setattr(kern, "_INTERP_BWD", dict(zip(("BLOCK_MAJOR", "BLOCK_MINOR"), bwd_blocks)))
+    lengths = [1, 7, 40, 23]
+    q, k, v = packed_qkv(lengths, 1, 80, torch.float32)
+    g = torch.randn(q.shape)
+    cu = cu_of(lengths)
+    got = fwd_bwd(masked_attention, q, k, v, g, cu_seqlens=cu, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double(), cu_seqlens=cu)
+    check_against_reference(got, ref, ref, torch.float32)
+    qp, kp, vp = padded_qkv(2, 1, 37, 80, torch.float32)
+    lens = torch.tensor([37, 19])
+    gp = torch.randn(qp.shape)
+    got = fwd_bwd(masked_attention, qp, kp, vp, gp, lengths=lens, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (qp, kp, vp)), gp.double(), lengths=lens)
+    check_against_reference(got, ref, ref, torch.float32)

@@ -367,7 +367,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     Args:
         q, k, v: packed [T, H, Dh] (with cu_seqlens) or [B, H, N, Dh] (padded with lengths, or dense); one
-            dtype and device; only the last dim needs to be contiguous for the triton backend.
+            dtype and device; the triton backend reads any strides in place except a strided last dim
+            (that tensor is copied first).
         cu_seqlens: int32 [B+1], 0 = cu[0] <= cu[1] <= ... <= cu[B] = T (int64, or a list of ints, is taken too).
         max_seqlen: optional longest segment (spares the torch backend a device read; the triton backend
             needs none).
