@@ -121,14 +121,12 @@ def test_bad_configurations_are_clear_errors():
         BalancedSampler(labels, rank=2, world_size=2)
 
 
-def test_400k_labels_at_1_to_1000_in_well_under_a_second():
-    import time
+def test_400k_labels_at_1_to_1000():
+    # its speed is measured by benchmarks/bench_sampler.py: no wall-clock limits in tests (CI load varies)
     labels = np.zeros(400_000, np.int64)
     labels[::1000] = 1
     s = BalancedSampler(labels, class_fractions="equal", neg_keep=0.5, seed=0, rank=1, world_size=4)
-    t = time.perf_counter()
     idx = s.rank_indices(0)
-    assert time.perf_counter() - t < 0.5
     assert len(idx) == 50_050 and 0.45 < labels[idx].mean() < 0.55
 
 

@@ -1,7 +1,6 @@
 """The embedded procedural dataset: deterministic for a seed, written once and atomically, imbalanced like
 HAM10000, decodable as JPEG, and learnable (but not trivially) from simple features."""
 import csv
-import time
 
 import numpy as np
 import pytest
@@ -32,10 +31,8 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 def test_generation_is_idempotent_and_atomic(tmp_path):
     root = generate_toy_dataset(tmp_path / "t", n_images=14, image_size=40, progress=False)
     stamps = {n: p.stat().st_mtime_ns for n, p in _files(root).items()}
-    t0 = time.perf_counter()
     assert generate_toy_dataset(tmp_path / "t", n_images=14, image_size=40, progress=False) == root
-    assert time.perf_counter() - t0 < 0.5
-    assert {n: p.stat().st_mtime_ns for n, p in _files(root).items()} == stamps
+    assert {n: p.stat().st_mtime_ns for n, p in _files(root).items()} == stamps  # nothing rewritten
     # other parameters are not "the same dataset"; a lost file makes the directory incomplete: both regenerate
     generate_toy_dataset(root, n_images=15, image_size=40, progress=False)
     assert len(list((root / "images").iterdir())) == 15
