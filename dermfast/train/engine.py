@@ -74,16 +74,17 @@ def available_cores() -> int:
 def thread_budget(cfg, world: World, loader_kind: str | None) -> tuple[int, int, str]:
     """(torch intra-op threads, loader workers / DALI threads, the line to print). Cores are split between
     the processes of a node; within a process, torch threads + loader threads <= its cores, because
-    oversubscribed cores collapse throughput under contention (a 2-core box fell from 330 to 20 img/s)."""
+    oversubscribed cores collapse throughput under contention (a 2-core box fell from 330 to 20 img/s; with
+    one busy neighbour, 2 torch threads ran the demo at 15 img/s where 1 torch + 1 DALI thread ran 130)."""
     cores = max(1, available_cores() // max(1, world.local_world_size))
     if loader_kind is None:
         workers = 0
     elif cfg.workers >= 0:
         workers = cfg.workers
-    elif loader_kind == "torch":  # decode in the main process on small machines: no IPC, no extra threads
-        workers = 0 if cores <= 4 else min(8, cores // 4)
-    else:  # DALI needs at least one CPU thread; the GPU pipeline needs few
-        workers = max(1, min(8, cores // (4 if loader_kind == "dali-gpu" else 2)))
+    elif cores == 1:
+        workers = 0 if loader_kind == "torch" else 1
+    else:  # a quarter of the cores decode (at least one, at most 8); GPU decoding needs fewer
+        workers = max(1, min(8, cores // (8 if loader_kind == "dali-gpu" else 4)))
     threads = cfg.threads if cfg.threads > 0 else max(1, cores - workers)
     what = {"torch": "DataLoader workers", None: "loader threads"}.get(loader_kind, "DALI CPU threads")
     line = f"threads: {cores} core(s) per process -> torch {threads} + {what} {workers}"
