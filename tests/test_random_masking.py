@@ -230,6 +230,8 @@ def test_bad_input_is_a_clear_error():
         random_masking(torch.ones(2, 4, 4, dtype=torch.int64), 0.5, 0, 0)
     with pytest.raises(ValueError, match="step must be an int"):
         random_masking(x, 0.5, 0, 1.5)
+    with pytest.raises(ValueError, match="seed must fit in int64"):
+        random_masking(x, 0.5, 2**64, 0)
     with pytest.raises(ValueError, match="sample_offset must be >= 0"):
         random_masking(x, 0.5, 0, 0, sample_offset=-1)
 

@@ -369,6 +369,8 @@ def _validate(x, mask_ratio, seed, step, pos_embed, sample_offset):
     for name, v in (("seed", seed), ("step", step), ("sample_offset", sample_offset)):
         if not _is_int(v):
             raise ValueError(f"random_masking: {name} must be an int, got {type(v).__name__}")
+        if isinstance(v, int) and not -(1 << 63) <= v < 1 << 63:
+            raise ValueError(f"random_masking: {name} must fit in int64 (the hash uses its low 32 bits), got {v}")
     if isinstance(sample_offset, int) and not 0 <= sample_offset < 1 << 62:
         raise ValueError(f"random_masking: sample_offset must be >= 0, got {sample_offset}")
     if pos_embed is not None:
