@@ -439,3 +439,42 @@ def test_gpu_automatic_choice_and_compile():
     got = torch.compile(lambda a, b, c: mae_loss(a, b, c, 14), fullgraph=True)(imgs, p, mask)
     got.backward()
     assert torch.equal(got.detach(), eager[0]) and torch.equal(p.grad, eager[1])
+
+
+# ------------------------------------------------------------------------------------------- compiler
+
+
+_COMPILE_SM90 = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as triton_compile
+from dermfast.kernels import mae_loss as kern
+ptrs = dict(imgs_ptr="*bf16", pred_ptr="*bf16", mask_ptr="*u8", part_ptr="*fp32", loss_ptr="*fp32",
+            grad_ptr="*fp32", scale_ptr="*fp32", out_ptr="*bf16")
+def build(fn, consts, **opts):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("inv_p", "inv_pm1", "eps", "two_over_p")
+                                                     else "i64" if n.startswith("s_") else "i32")
+           for n in fn.arg_names}
+    return triton_compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options=opts)
+for P, norm in ((48, True), (588, True), (588, False), (3072, True)):  # BLOCK_L 16, 4, 4, 1
+    bl, bp = kern._blocks(P)
+    for fn in (kern._mae_loss_fwd_kernel, kern._mae_loss_bwd_kernel):
+        assert "cubin" in build(fn, dict(NORM=norm, BLOCK_L=bl, BLOCK_P=bp), num_warps=8).asm
+for fn in (kern._mae_loss_reduce_kernel, kern._mae_loss_scale_kernel):
+    assert "cubin" in build(fn, dict(BLOCK=kern._REDUCE_BLOCK), num_warps=4).asm
+print("compiled")
+"""
+
+
+@needs_triton
+def test_triton_kernels_compile_for_sm90_without_a_gpu():
+    """Lower every Triton kernel to an sm_90 cubin (no GPU needed): the interpreter never runs Triton's compiler,
+    so lowering errors would otherwise only show on a GPU. bf16 imgs / pred, bool mask, BLOCK_L from 16 down to 1.
+    A subprocess, because this process runs with TRITON_INTERPRET=1."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
