@@ -36,6 +36,7 @@ def _run(tmp: Path, name: str, nproc: int, batch: int, *extra: str) -> Path:
     env = {**os.environ, "DERMFAST_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    (tmp / name / "stdout.txt").write_text(r.stdout)
     return tmp / name
 
 
@@ -58,6 +59,9 @@ def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b_ddp_and_fsdp(tmp_path):
     losses = [[float(r["loss"]) for r in csv.DictReader(open(d / "log.csv"))] for d in (one, two)]
     assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)  # the global mean loss
     assert losses[0][-1] < losses[0][0]  # it trained
+    out = (two / "stdout.txt").read_text()
+    assert out.count("batch: 4 per rank x 1 accum x 2 rank(s) = 8 global; lr 0.00156 = blr 0.05 x 8 / 256") == 1
+    assert out.count(" done in ") == 1  # rank 0 alone prints
     cfg = yaml.safe_load((two / "config.yaml").read_text())
     assert cfg["lr"] == pytest.approx(0.05 * 8 / 256)  # blr * global batch / 256, global batch = 2 x 4
 

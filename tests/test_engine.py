@@ -63,6 +63,7 @@ class ToyConfig(TrainConfig):
     signal_at: int | None = None     # send this process `signal_name` during this step
     signal_name: str = "SIGTERM"     # which signal
     with_eval: bool = False          # evaluate (and keep best.safetensors by -loss)
+    oom_at: int | None = None        # raise torch.OutOfMemoryError in this step
     out: str = "runs/toy"            # run directory
 
 
@@ -82,6 +83,8 @@ class ToyStage(Stage):
     def step(self, batch, run):
         if run.cfg.signal_at is not None and run.step == run.cfg.signal_at:
             os.kill(os.getpid(), getattr(signal, run.cfg.signal_name))
+        if run.step == run.cfg.oom_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         loss = nn.functional.mse_loss(run.model(batch["x"]), batch["y"])
         if run.step in run.cfg.nan_at:
             loss = loss * float("nan")
@@ -226,3 +229,16 @@ def test_thread_budget_never_oversubscribes(monkeypatch):
             assert "threads:" in line and "over the" not in line
     cfg.workers, cfg.threads = 6, 6
     assert "over the 8 cores" in engine.thread_budget(cfg, World(), "torch")[2]
+
+
+def test_out_of_memory_is_one_line_naming_batch_size_and_remedies(tmp_path, capsys):
+    assert toy(tmp_path, "o", oom_at=2)[0] == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of GPU memory" in err[0] and "--batch-size 8 per GPU" in err[0]
+    assert "--batch-size 4 --accum-steps 2" in err[0] and "--activation-checkpointing" in err[0]
+
+
+def test_tensorboard_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    code, out = toy(tmp_path, "tb", epochs=1)
+    assert code == 0 and list((out / "tensorboard").glob("events.out.tfevents.*"))
