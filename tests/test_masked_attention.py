@@ -507,3 +507,17 @@ def test_gpu_full_vit_h_batch_offsets():
     dense = fwd_bwd(masked_attention, q, k, v, g, backend="triton")
     for name, a, d in zip(("out", "dq", "dk", "dv"), got, dense):
         torch.testing.assert_close(a, d.transpose(1, 2).reshape(B * L, H, D), atol=2e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """Triton launches on the current device; q on cuda:1 while cuda:0 is current must still run on cuda:1."""
+    lengths = [5, 40]
+    q, k, v = packed_qkv(lengths, 2, 80, torch.float16, "cuda:1")
+    cu = cu_of(lengths, "cuda:1")
+    g = torch.randn(q.shape, dtype=torch.float16, device="cuda:1")
+    with torch.cuda.device(0):
+        got = fwd_bwd(masked_attention, q, k, v, g, cu_seqlens=cu, backend="triton")
+    ref = fwd_bwd(masked_attention_ref, *(x.double() for x in (q, k, v)), g.double(), cu_seqlens=cu)
+    check_against_reference(got, fwd_bwd(naive, q, k, v, g, cu=cu), ref, torch.float16)

@@ -28,6 +28,7 @@ bounds either.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -273,14 +274,21 @@ def _torch_backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, lengths
     return tuple(x.to(in_dtype).contiguous() for x in (dq, dk, dv))
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it q's (q on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _triton_forward(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     from dermfast.kernels import masked_attention as kern
-    return kern.forward(q, k, v, cu_seqlens, lengths, _resolve_scale(scale, q.shape[-1]))
+    with _on_device(q):
+        return kern.forward(q, k, v, cu_seqlens, lengths, _resolve_scale(scale, q.shape[-1]))
 
 
 def _triton_backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, lengths, scale):
     from dermfast.kernels import masked_attention as kern
-    return kern.backward(do, q, k, v, out, lse, dlse, cu_seqlens, lengths, scale)
+    with _on_device(q):
+        return kern.backward(do, q, k, v, out, lse, dlse, cu_seqlens, lengths, scale)
 
 
 TRITON_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
