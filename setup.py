@@ -229,7 +229,7 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
             # Use dali-cuda12 with a CUDA 12 driver / torch cu12x build.
             "dali": ["nvidia-dali-cuda130>=2.0; platform_system == 'Linux'"],
             "dali-cuda12": ["nvidia-dali-cuda120>=2.0; platform_system == 'Linux'"],
-            "synth": ["diffusers>=0.30", "peft>=0.10", "transformers>=4.40"],
+            "synth": ["diffusers>=0.30", "peft>=0.10", "transformers>=4.40", "scipy>=1.10"],  # scipy: FID sqrtm
             "isic2024": ["h5py>=3"],  # the ISIC 2024 (SLICE-3D) HDF5 of JPEG bytes
             # metrics, the HTML report, ONNX export + parity (onnxscript: torch.onnx's dynamo exporter)
             "eval": ["scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.2"],
