@@ -181,7 +181,8 @@ def test_grad_accumulation_matches_the_larger_batch(tmp_path):
     from safetensors.torch import load_file
     assert toy(tmp_path, "big", batch_size=16, epochs=2)[0] == 0
     assert toy(tmp_path, "acc", "--accum-steps", "2", batch_size=8, epochs=2)[0] == 0
-    a, b = load_file(str(tmp_path / "big/checkpoint.safetensors")), load_file(str(tmp_path / "acc/checkpoint.safetensors"))
+    a = load_file(str(tmp_path / "big/checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "acc/checkpoint.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert rows(tmp_path / "big/log.csv")[-1]["step"] == rows(tmp_path / "acc/log.csv")[-1]["step"] == "8"
@@ -218,7 +219,7 @@ def test_eval_hook_logs_and_keeps_the_best_weights(tmp_path):
 
 
 def test_thread_budget_never_oversubscribes(monkeypatch):
-    from dermfast.train import engine
+    from dermfast.train import preflight as engine
     from dermfast.train.distributed import World
     monkeypatch.setattr(engine, "available_cores", lambda: 8)
     cfg = ToyConfig()

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Options the engine reads; every stage config inherits them."""
     epochs: int = 10                 # passes over the training data
-    batch_size: int = 64             # images per optimiser micro-step on each rank (global batch = this * accum * ranks)
+    batch_size: int = 64             # images per micro-step on each rank (global batch = this x accum x ranks)
     accum_steps: int = 1             # micro-steps whose gradients add up to one optimiser step
     lr: float | None = None          # absolute learning rate; None = the stage's rule (MAE: blr * global batch / 256)
     blr: float | None = None         # base learning rate per 256 images; None = the stage's (preset's) default
@@ -42,7 +42,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0       # linear warmup length, in epochs (capped at the run length)
     min_lr: float = 0.0              # the cosine schedule ends here
     clip_grad: float | None = None   # clip the global gradient norm to this; None = no clipping (norm still logged)
-    optimizer: Literal["auto", "adamw", "apex"] = "auto"  # auto: apex FusedAdam on CUDA when installed, else torch fused AdamW
+    optimizer: Literal["auto", "adamw", "apex"] = "auto"  # auto: apex FusedAdam on CUDA if installed, else fused AdamW
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     seed: int = 0                    # seeds masking, sampling, augmentation and initialisation
     out: str = "runs/train"          # run directory (config, logs, checkpoints, figures)
@@ -113,7 +113,8 @@ class DataConfig(TrainConfig):
         if self.data is not None:
             check_data_path(self.data)
         if self.synthetic is not None and not Path(self.synthetic).expanduser().is_dir():
-            raise ConfigError(f"--synthetic {self.synthetic!r} is not a folder (a synthesis output: manifest.csv + images/)")
+            raise ConfigError(f"--synthetic {self.synthetic!r} is not a folder (a synthesis output: manifest.csv "
+                              "+ images/)")
 
 
 def check_data_path(data: str) -> None:

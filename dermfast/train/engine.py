@@ -16,12 +16,9 @@ loss at log points; nothing per micro-step.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shlex
 import shutil
 import signal
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,11 +33,9 @@ from dermfast.train.context import Run
 from dermfast.train.distributed import World, resolve_device, world_from_env
 from dermfast.train.logs import CSVLog, TensorBoard, fmt
 from dermfast.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
+from dermfast.train.preflight import Signals, check_out, resume_command, resume_point, thread_budget
 from dermfast.train.stages import Stage
 
-# Options that may differ between a run and its resumption (they change neither the math nor the data).
-RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "device", "workers", "threads", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "eval_every", "max_bad_steps"}
 ENGINE_FILES = ("run.json", "config.yaml", "log.csv", "eval.csv", "plots.png", "checkpoint.safetensors",
                 "best.safetensors", "checkpoints", "tensorboard")
 
@@ -63,138 +58,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ------------------------------------------------------------------------------------- before any data
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def thread_budget(cfg, world: World, loader_kind: str | None) -> tuple[int, int, str]:
-    """(torch intra-op threads, loader workers / DALI threads, the line to print). Cores are split between
-    the processes of a node; within a process, torch threads + loader threads <= its cores, because
-    oversubscribed cores collapse throughput under contention (a 2-core box fell from 330 to 20 img/s; with
-    one busy neighbour, 2 torch threads ran the demo at 15 img/s where 1 torch + 1 DALI thread ran 130)."""
-    cores = max(1, available_cores() // max(1, world.local_world_size))
-    if loader_kind is None:
-        workers = 0
-    elif cfg.workers >= 0:
-        workers = cfg.workers
-    elif cores == 1:
-        workers = 0 if loader_kind == "torch" else 1
-    else:  # a quarter of the cores decode (at least one, at most 8); GPU decoding needs fewer
-        workers = max(1, min(8, cores // (8 if loader_kind == "dali-gpu" else 4)))
-    threads = cfg.threads if cfg.threads > 0 else max(1, cores - workers)
-    what = {"torch": "DataLoader workers", None: "loader threads"}.get(loader_kind, "DALI CPU threads")
-    line = f"threads: {cores} core(s) per process -> torch {threads} + {what} {workers}"
-    if threads + workers > cores:
-        line += f" (over the {cores} cores: expect contention; lower --threads or --workers)"
-    return threads, workers, line
-
-
-def _run_info(run_dir: Path) -> dict | None:
-    p = run_dir / "run.json"
-    if p.is_file():
-        try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError):
-            return {"status": "unreadable"}
-    if any((run_dir / n).exists() for n in ("config.yaml", "log.csv", "checkpoint.safetensors")):
-        return {"status": "unknown (an earlier dermfast)"}
-    return None
-
-
-def check_out(run_dir: Path, stage: str, resuming: bool, overwrite: bool) -> bool:
-    """Refuse an --out that cannot hold this run; returns whether the folder must be created. Writes nothing."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {str(run_dir)!r} is a file, not a folder; give a folder name")
-    probe = run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {str(run_dir)!r}: cannot write in {str(probe)!r} (permission denied); "
-                          "choose a folder you can write to")
-    info = _run_info(run_dir) if run_dir.is_dir() else None
-    if info is not None and not resuming and not overwrite:
-        what = f"a {info.get('status', '?')} {info.get('stage', '')} run".replace("  ", " ")
-        at = f" (step {info['step']})" if "step" in info else ""
-        raise ConfigError(f"--out {str(run_dir)!r} already holds {what}{at}; pass --resume auto to continue "
-                          "it, --overwrite to replace it, or another --out")
-    if info is not None and resuming and info.get("stage", stage) != stage:
-        raise ConfigError(f"--out {str(run_dir)!r} holds a {info.get('stage')} run, not a {stage} run")
-    return not run_dir.exists()
-
-
-def _resume_point(cfg, stage: str, run_dir: Path) -> Path | None:
-    if cfg.resume is None:
-        return None
-    try:
-        path = ckpt.find_resume(cfg.resume, run_dir)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    state = json.loads((path / "state.json").read_text())
-    if state.get("stage") != stage:
-        raise ConfigError(f"--resume {str(path)!r} is a {state.get('stage')} checkpoint, not {stage}")
-    if state.get("finished"):
-        raise ConfigError(f"--resume {str(path)!r}: that run finished at step {state['step']}; nothing to "
-                          "resume (--overwrite trains again)")
-    saved, now = state.get("config", {}), config_dict(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
-        raise ConfigError(f"--resume: options differ from the checkpoint's ({shown}); an exact resume needs the "
-                          f"same settings (give the run's config.yaml with --config)")
-    return path
-
-
-class _Signals:
-    """SIGINT / SIGTERM set a flag the loop reads after each step; a second Ctrl-C quits at once."""
-
-    def __init__(self, verbose: bool):
-        self.signum: int | None = None
-        self.verbose, self._old = verbose, {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM") and _main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if self.verbose:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-                  "(Ctrl-C again quits without one)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        return False
-
-
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-def resume_command(argv: list[str] | None) -> str:
-    args, skip = [], False
-    for a in argv or []:
-        if skip:
-            skip = False
-            continue
-        if a in ("--resume",):
-            skip = True
-            continue
-        if a.startswith("--resume=") or a in ("--overwrite", "--no-overwrite"):
-            continue
-        args.append(a)
-    return shlex.join(["python", "-m", "dermfast.train", *args, "--resume", "auto"])
-
-
 # -------------------------------------------------------------------------------------------------- train
 def train(stage_cls: type[Stage], cfg, argv: list[str] | None = None) -> Path:
     """Run a stage end to end; returns the run folder. Raises ConfigError (bad input, nothing written),
@@ -211,7 +74,7 @@ def train(stage_cls: type[Stage], cfg, argv: list[str] | None = None) -> Path:
         raise ConfigError("--precision bf16 needs a CUDA device (CPU runs in fp32)")
     bf16 = device.type == "cuda" and cfg.precision != "fp32"
     run_dir = Path(cfg.out).expanduser()
-    resume_from = _resume_point(cfg, stage.name, run_dir)
+    resume_from = resume_point(cfg, stage.name, run_dir)
     created = check_out(run_dir, stage.name, resume_from is not None, cfg.overwrite)
     loader_kind = None
     if hasattr(cfg, "loader"):
@@ -365,7 +228,7 @@ class _Trainer:
         acc = torch.zeros((), device=r.device)
         done = r.step >= self.total
         try:
-            with _Signals(self.world.is_main) as sig:
+            with Signals(self.world.is_main) as sig:
                 for epoch in range(self.start_epoch, cfg.epochs):
                     if done:
                         break

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 STAGE_PACKAGES = ("dermfast.train", "dermfast.synth")
 _ENGINE_MODULES = {"cli", "cliargs", "config", "context", "engine", "checkpoint", "distributed", "logs",
-                   "optim", "sharding", "stages", "__main__"}
+                   "optim", "preflight", "sharding", "stages", "__main__"}
 
 
 @dataclass
