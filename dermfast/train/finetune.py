@@ -3,9 +3,9 @@
     python -m dermfast.train --stage finetune [--init RUN_OR_FILE] [--model mae_vit|TIMM_NAME] [--select ...]
 
 As MAE fine-tuning does: layer-wise lr decay, drop path, label smoothing, optional mixup / cutmix (timm's
-`Mixup`), AdamW with warmup + cosine (the engine's). Balanced sampling, negative downsampling and real:synthetic
-mixing come from the data layer (`--balance`, `--neg-keep`, `--synthetic --synth-ratio`); `--class-weights`
-weighs the cross-entropy by inverse class frequency. The validation split is evaluated at each epoch end (or
+`Mixup`), AdamW with warmup + cosine (the engine's). Class-balanced batches by default (`--balance none` for
+the natural mix); negative downsampling and real:synthetic mixing come from the data layer (`--neg-keep`,
+`--synthetic --synth-ratio`); `--class-weights` weighs the cross-entropy by inverse class frequency. The validation split is evaluated at each epoch end (or
 every `--eval-every` steps); the engine keeps RUN/best.safetensors by `--select` (balanced accuracy by
 default; `pauc` = the ISIC 2024 partial AUC above 80% TPR of the `--positive` class). Both best.safetensors and
 checkpoint.safetensors carry the classifier description (`dermfast.models.classifier.classifier_metadata`), so
@@ -42,6 +42,7 @@ class FinetuneConfig(DataConfig):
     class_weights: bool = False      # weigh the cross-entropy by inverse class frequency of the training split
     select: Literal["balanced_accuracy", "pauc", "auroc", "macro_f1", "accuracy"] = "balanced_accuracy"  # validation metric that picks best.safetensors
     positive: str | None = None      # the malignant class for pauc (default: melanoma / mel / malignant when present)
+    balance: Literal["none", "equal"] = "equal"  # equal: class-balanced batches (rare classes oversampled); none: natural
     epochs: int = 10                 # passes over the training data
     batch_size: int = 64             # images per optimiser micro-step on each rank
     warmup_epochs: float = 1.0       # linear warmup length, in epochs
