@@ -3,13 +3,14 @@
     python -m dermfast.train --stage finetune [--init RUN_OR_FILE] [--model mae_vit|TIMM_NAME] [--select ...]
 
 As MAE fine-tuning does: layer-wise lr decay, drop path, label smoothing, optional mixup / cutmix (timm's
-`Mixup`), AdamW with warmup + cosine (the engine's). Class-balanced batches by default (`--balance none` for
-the natural mix); negative downsampling and real:synthetic mixing come from the data layer (`--neg-keep`,
-`--synthetic --synth-ratio`); `--class-weights` weighs the cross-entropy by inverse class frequency. The validation split is evaluated at each epoch end (or
-every `--eval-every` steps); the engine keeps RUN/best.safetensors by `--select` (balanced accuracy by
-default; `pauc` = the ISIC 2024 partial AUC above 80% TPR of the `--positive` class). Both best.safetensors and
-checkpoint.safetensors carry the classifier description (`dermfast.models.classifier.classifier_metadata`), so
-`python -m dermfast.evaluate` and `python -m dermfast.export` rebuild the model from the file alone.
+`Mixup`), AdamW with warmup + cosine (the engine's). Class-balanced batches by default (`--balance none` for the
+natural mix); negative downsampling and real:synthetic mixing come from the data layer (`--neg-keep`,
+`--synthetic --synth-ratio`); `--class-weights` weighs the cross-entropy by inverse class frequency. The
+validation split is evaluated at each epoch end (or every `--eval-every` steps); the engine keeps
+RUN/best.safetensors by `--select` (balanced accuracy by default; `pauc` = the ISIC 2024 partial AUC above 80%
+TPR of the `--positive` class). Both best.safetensors and checkpoint.safetensors carry the classifier
+description (`dermfast.models.classifier.classifier_metadata`), so `python -m dermfast.evaluate` and `python -m
+dermfast.export` rebuild the model from the file alone.
 
 With no arguments: the `demo` MAE preset's ViT (64 px), from scratch, on the embedded dataset, on the CPU.
 Run directory (besides the engine's files): init_report.json (when --init is given), splits.csv,
