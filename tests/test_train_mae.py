@@ -65,7 +65,7 @@ def test_mae_run_learns_and_writes_every_artefact(tmp_path):
 
 @pytest.mark.parametrize("argv,expected", [
     (["--stage", "pretrain"], "unknown stage 'pretrain'; accepted: "),
-    (["--stage", "distill"], "'distill' is planned but not implemented yet"),
+    (["--stage", "export"], "'export' is not a training stage: run `python -m dermfast.export`"),
     (["--stage", "mae", "--preset", "vit_giant"], "unknown preset 'vit_giant'; accepted: demo, vit_b16"),
     (["--stage", "mae", "--data", "/no/such/dir"], "data path '/no/such/dir' does not exist"),
     (["--stage", "mae", "--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),

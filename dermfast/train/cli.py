@@ -12,7 +12,9 @@ import sys
 
 from dermfast.train.config import ConfigError, build_config, load_yaml
 
-PLANNED_STAGES = ("synth", "finetune", "distill", "eval", "export")
+PLANNED_STAGES = ("synth", "finetune", "distill", "dreambooth")
+OTHER_TOOLS = {"eval": "dermfast.evaluate", "evaluate": "dermfast.evaluate", "export": "dermfast.export",
+               "synthesize": "dermfast.synthesize", "sample": "dermfast.synthesize"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     stage = pre.stage.strip().lower()
     if stage not in stages:
         planned = f" ('{stage}' is planned but not implemented yet)" if stage in PLANNED_STAGES else ""
+        if stage in OTHER_TOOLS:
+            planned = f" ('{stage}' is not a training stage: run `python -m {OTHER_TOOLS[stage]}`)"
         broken = [f"{m} ({why})" for m, why in broken_modules().items() if stage in m]
         extra = f"; stage module failed to import: {broken[0]}" if broken else ""
         return _fail(f"unknown stage {pre.stage!r}{planned}; accepted: {', '.join(sorted(stages))}{extra}")
