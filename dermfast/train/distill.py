@@ -282,7 +282,7 @@ class DistillStage(Stage):
             cfg.teacher = str(run.wrote(train_teacher(cfg, run.run_dir, run.log)))
             self.kind = "checkpoint"
             seed_everything(cfg.seed)  # the student starts as it would with a teacher given
-        data = run.prepare_data()
+        data = self._teacher_splits(run, run.prepare_data())
         self.train_rec, self.val_rec = data.part("train"), data.part("val")
         self.classes = list(data.records.classes)
         k = len(self.classes)
@@ -347,6 +347,43 @@ class DistillStage(Stage):
                      summary=f"student {cfg.student} <- teacher {self.tspec.arch} ({cfg.teacher}{tsize}), "
                              f"--kd {cfg.kd}{' (cached per epoch)' if cfg.cache_teacher else ''}, {k} classes, "
                              f"{len(self.train_rec)} train, {len(self.val_rec)} val, loader {loader.backend}")
+
+    def _teacher_splits(self, run, data):
+        """Train and evaluate on the teacher run's splits when its splits.csv covers this dataset's real images
+        (whatever --seed says), so the student's val / test images are ones the teacher never trained on; a
+        teacher without such a file gets this run's own split, with a warning when the two overlap."""
+        import numpy as np
+
+        from dermfast.data.pipeline import PreparedData
+        from dermfast.data.records import DatasetError
+        from dermfast.data.splits import load_splits, save_splits
+        p = Path(run.cfg.teacher).expanduser()
+        tdir = p if p.is_dir() else p.parent
+        if not (tdir / "splits.csv").is_file():
+            run.log(f"distill: the teacher {p} comes without a splits.csv: make sure it never trained on this "
+                    "run's val / test images")
+            return data
+        try:
+            ts = load_splits(tdir / "splits.csv", data.records, strict=False)
+        except DatasetError as e:
+            raise ConfigError(f"--teacher: {e}") from None
+        real = np.flatnonzero(data.records.source == 0)
+        covered = np.concatenate([ts[k] for k in ("train", "val", "test")])
+        if len(np.intersect1d(covered, real)) != len(real):
+            leak = np.intersect1d(ts["train"], np.concatenate([data.splits["val"], data.splits["test"]]))
+            if len(leak):
+                run.log(f"distill: warning: the teacher trained on {len(leak)} of this run's val / test images "
+                        f"(its splits.csv covers another dataset): validation scores are optimistic")
+            return data
+        splits = {"train": np.concatenate([np.setdiff1d(ts["train"], np.flatnonzero(data.records.source != 0)),
+                                           np.flatnonzero(data.records.source != 0)]),
+                  "val": ts["val"], "test": ts["test"]}
+        if any(not np.array_equal(np.sort(splits[k]), np.sort(data.splits[k])) for k in splits):
+            run.log(f"distill: using the teacher's splits ({tdir / 'splits.csv'}): the student's val / test images "
+                    "are ones the teacher never trained on")
+            if run.is_main:
+                save_splits(splits, data.records, run.run_dir / "splits.csv")
+        return PreparedData(data.records, splits, data.report)
 
     def _probe(self, student, device):
         """(student feature channels, teacher feature channels, student embedding width) from a 2-image pass."""
