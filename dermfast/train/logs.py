@@ -53,7 +53,8 @@ class CSVLog:
             if fields:
                 w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
-                w.writerows(r for r in rows if int(r["step"]) <= step)
+                # a row cut short by a kill mid-write has missing fields: drop it with what came after
+                w.writerows(r for r in rows if None not in r.values() and int(r["step"]) <= step)
         os.chmod(tmp, file_mode())
         os.replace(tmp, self.path)
         self._fields = fields or None
