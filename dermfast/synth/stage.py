@@ -32,7 +32,7 @@ class SynthConfig(DataConfig):
     size: Literal["tiny", "small"] = "tiny"  # model size: tiny (CPU demo: VAE 32-64 ch, UNet 32-64 ch), small (GPU)
     img_size: int = 32               # image side in pixels the model generates
     vae: str | None = None           # local diffusers AutoencoderKL folder (or a synth run) to use frozen; skips phase 1
-    vae_steps: int = 150             # optimiser steps of phase 1 (VAE training) before the denoiser; ignored with --vae
+    vae_steps: int = 120             # optimiser steps of phase 1 (VAE training) before the denoiser; ignored with --vae
     kl_weight: float = 1e-5          # weight of the VAE's KL term (per latent element)
     perceptual: str = "off"          # perceptual-loss features: off | mae:RUN (dermfast MAE encoder) | PATH (VGG16 state dict)
     perceptual_weight: float = 0.1   # weight of the perceptual term (alpha_bar-weighted feature MSE on decoded x0)
@@ -43,7 +43,7 @@ class SynthConfig(DataConfig):
     sample_steps: int = 20           # DDIM steps for the sample grids
     guidance: float = 2.0            # classifier-free guidance weight of the sample grids
     balance: Literal["none", "equal"] = "equal"  # equal: class-balanced batches, so rare classes are learnt too
-    epochs: int = 15                 # passes over the training data (both phases)
+    epochs: int = 10                 # passes over the training data (both phases)
     batch_size: int = 32             # images per optimiser micro-step on each rank
     weight_decay: float = 0.0        # AdamW weight decay
     out: str = "runs/synth"          # run directory
