@@ -49,7 +49,7 @@ class DistillConfig(DataConfig):
     teacher: str | None = None       # a --stage finetune run / checkpoint, or a timm name (with --teacher-init); None = fine-tune a small one first
     teacher_init: str | None = None  # local weights of a timm --teacher (safetensors / timm .pth; never downloaded)
     teacher_img_size: int | None = None  # input size of a timm --teacher; None = --img-size
-    teacher_epochs: int = 3          # no --teacher: epochs of the small teacher fine-tuned into RUN/teacher first
+    teacher_epochs: int = 6          # no --teacher: epochs of the small teacher fine-tuned into RUN/teacher first
     student: str = "vit_tiny_patch16_224"  # timm model name (vit_tiny_patch16_224, mobilenetv2_100, efficientnet_b0, edgenext_small, ...)
     init: str | None = None          # local weights to start the student from (loaded by name, as finetune's --init)
     img_size: int | None = None      # student input size; None = the teacher's (64 for the teacher trained here)
@@ -123,8 +123,9 @@ def teacher_kind(cfg: DistillConfig) -> str:
 
 
 def train_teacher(cfg: DistillConfig, run_dir: Path, log) -> Path:
-    """Fine-tune the small default teacher (finetune's mae_vit demo model) into run_dir/teacher with the same
-    data, seed and so the same splits; reused when already there (a resumed or repeated run)."""
+    """Fine-tune the small default teacher (finetune's mae_vit demo model, class-weighted CE) into
+    run_dir/teacher with the same data, seed and so the same splits; reused when already there (a resumed or
+    repeated run)."""
     from dermfast.train.engine import train
     from dermfast.train.finetune import FinetuneConfig, FinetuneStage
     out = run_dir / "teacher"
@@ -135,7 +136,8 @@ def train_teacher(cfg: DistillConfig, run_dir: Path, log) -> Path:
                                                       "warmup_epochs", "lr", "blr", "checkpoint_every",
                                                       "eval_every", "log_every"}
     tcfg = FinetuneConfig(**{k: getattr(cfg, k) for k in shared}, epochs=cfg.teacher_epochs, out=str(out),
-                          img_size=cfg.img_size, overwrite=True, warmup_epochs=min(1.0, cfg.warmup_epochs))
+                          img_size=cfg.img_size, overwrite=True, warmup_epochs=min(1.0, cfg.warmup_epochs),
+                          class_weights=True)  # a teacher that knows the rare classes is worth distilling
     log(f"distill: no --teacher given: fine-tuning a small teacher first ({tcfg.model}, preset {tcfg.preset}, "
         f"{tcfg.img_size} px, {tcfg.epochs} epochs) into {out}; pass --teacher RUN to use your own")
     train(FinetuneStage, tcfg)
