@@ -228,3 +228,16 @@ def test_kd_beats_ce_at_equal_steps(cache, tmp_path):
     ce, kd = (np.asarray(res[a]) for a in (0.0, 0.9))
     assert kd[:, 0].mean() > ce[:, 0].mean() + 0.02, (ce, kd)  # balanced accuracy, mean of 3 seeds
     assert kd[:, 1].mean() > ce[:, 1].mean(), (ce, kd)          # accuracy, mean of 3 seeds
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_soft_and_ssd_cached(teacher_run, tmp_path):
+    """On CUDA: the teacher runs under bf16 autocast; both objectives (ssd with the cache) train finite losses."""
+    for kd in ("soft", "ssd"):
+        out = tmp_path / kd
+        flags = ["--cache-teacher"] if kd == "ssd" else []
+        assert train_main(["--stage", "distill", "--teacher", str(teacher_run), *STUDENT, "--kd", kd, *flags,
+                           "--device", "cuda", "--max-steps", "3", "--out", str(out), *SMALL]) == 0
+        rows = (out / "log.csv").read_text().splitlines()
+        losses = [float(r.split(",")[2]) for r in rows[1:]]
+        assert losses and all(np.isfinite(losses))
