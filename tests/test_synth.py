@@ -223,3 +223,21 @@ def test_train_bad_input(cache, tmp_path, capsys):
     rc = train_main(["--stage", "synth", "--perceptual", f"mae:{tmp_path}", "--out", str(out), *SMALL])
     assert rc == 2 and "no checkpoint.safetensors" in capsys.readouterr().err
     assert train_main(["--stage", "synth", "--p-uncond", "1.5", "--out", str(out), *SMALL]) == 2
+
+
+def test_balance_to_quotas(tmp_path):
+    from PIL import Image
+
+    from dermfast.synthesize import UsageError, parse_args, quotas
+    d = tmp_path / "data"
+    (d / "images").mkdir(parents=True)
+    lines = ["image,label"]
+    for cls, n in (("mel", 2), ("nv", 5), ("df", 1)):
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(d / "images" / f"{cls}{i}.png")
+            lines.append(f"{cls}{i}.png,{cls}")
+    (d / "labels.csv").write_text("\n".join(lines) + "\n")
+    args = parse_args(["--checkpoint", "x", "--balance-to", str(d), "--out", "y"])
+    assert quotas(args, ["df", "mel", "nv", "vasc"]) == [4, 3, 0, 5]  # every class up to nv's 5
+    with pytest.raises(UsageError, match="class 'nv' of the data is not one the checkpoint generates"):
+        quotas(args, ["df", "mel"])
