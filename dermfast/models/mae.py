@@ -14,7 +14,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dermfast.ops import mae_loss, masked_patch_embed, random_masking_indices
+from dermfast.ops import mae_loss, masked_patch_embed, random_masking, random_masking_indices
+from dermfast.ops.random_masking_op import hash32_int, keep_counts, step_key
+
+_RATIO_SALT = 0x5BD1E995  # separates the ratio stream from the masking noise of the same (seed, step)
+
+
+def ragged_mask_ratios(batch: int, lo: float, hi: float, seed: int, step: int,
+                       sample_offset: int = 0) -> torch.Tensor:
+    """Per-sample mask ratios [batch] float64 on the CPU, uniform in [lo, hi), a pure function of
+    (seed, step, sample_offset + b): the masking's hash family (`step_key`, `hash32_int`) with a salt, computed
+    in plain Python on the host (no device tensor, no sync). lo == hi gives that ratio for every sample."""
+    if not 0.0 <= lo <= hi < 1.0:
+        raise ValueError(f"mask ratio range must satisfy 0 <= lo <= hi < 1, got ({lo}, {hi})")
+    h = hash32_int(step_key(seed, step) ^ _RATIO_SALT)
+    u = [hash32_int(h ^ ((sample_offset + b) & 0xFFFFFFFF)) / 2.0 ** 32 for b in range(batch)]
+    return torch.tensor([min(lo + (hi - lo) * x, hi) for x in u], dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -102,13 +117,18 @@ def _default_block() -> Callable[..., nn.Module]:
 class MaskedAutoencoderViT(nn.Module):
     """MAE with a ViT encoder. forward(imgs [B, C, H, W], seed, step) -> (loss, pred [B, L, p*p*C], mask [B, L]).
 
+    Ragged batches: `forward(..., mask_ratio_range=(lo, hi))` draws one ratio per sample
+    (`ragged_mask_ratios`); the encoder then runs on packed visible tokens (each sample's cls token first in its
+    segment) through `dermfast.models.MaskedAttention` blocks (`patch_timm` swaps them in at construction; same
+    weights), and the decoder scatters each sample's tokens back to all L positions and runs dense.
+
     Mask semantics: 0 keep, 1 remove. The mask is a pure function of (seed, step, sample index), so the same
     call reproduces the same masking on any device. The whole model compiles with `torch.compile`: masking and
     the masked patch embedding are custom ops, and `step` is a plain int that dynamo makes symbolic after its
     first change (one recompilation, then none per step).
     """
 
-    def __init__(self, cfg: MAEPreset, block_layer: Callable[..., nn.Module] | None = None):
+    def __init__(self, cfg: MAEPreset, block_layer: Callable[..., nn.Module] | None = None, ragged: bool = False):
         super().__init__()
         from timm.layers import PatchEmbed
 
@@ -135,6 +155,10 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size ** 2 * cfg.in_chans)
         self._init_weights()
+        self.ragged = ragged
+        if ragged:
+            from dermfast.models.attention import patch_timm
+            patch_timm(self.blocks)  # encoder only: the decoder always sees all L tokens, dense
 
     def _init_weights(self) -> None:
         w = self.patch_embed.proj.weight.data
@@ -181,20 +205,80 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([x[:, :1], tokens + self.decoder_pos_embed.to(tokens.dtype)], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:].contiguous()
+
+    def forward_encoder_ragged(self, imgs: torch.Tensor, ratios: torch.Tensor, seed: int, step: int,
+                               sample_offset: int = 0):
+        """Packed encoder. ratios: CPU [B] per-sample mask ratios. Returns (latent [T + B, D] packed, sample b's
+        rows cu[b]:cu[b+1] = its cls token then its K_b visible tokens in shuffle order; cu int32 [B+1] on the
+        device; mask [B, L] float32; ids_restore [B, L])."""
+        from dermfast.models.attention import block_forward
+        if not self.ragged:
+            raise ValueError("MaskedAutoencoderViT: ragged masking needs a model built with ragged=True")
+        if ratios.device.type != "cpu" or ratios.shape != (imgs.shape[0],):
+            raise ValueError(f"ratios must be a CPU tensor [B={imgs.shape[0]}], got {tuple(ratios.shape)} "
+                             f"on {ratios.device}")
+        B, dev = imgs.shape[0], imgs.device
+        x = self.patch_embed(imgs)  # [B, L, D]; the packed keep-set is gathered by random_masking below
+        m = random_masking(x.contiguous(), ratios, seed, step, pos_embed=self.pos_embed,
+                           sample_offset=sample_offset)
+        # Host-side layout (ratios live on the CPU): segment b = [cls, K_b visible tokens]. Index tensors go to
+        # the device as plain host-to-device copies; nothing is read back.
+        k = keep_counts(self.num_patches, ratios)  # CPU int64 [B]
+        T = int(k.sum())
+        cu = torch.zeros(B + 1, dtype=torch.int64)
+        cu[1:] = torch.cumsum(k + 1, 0)
+        seg = torch.repeat_interleave(torch.arange(B), k + 1)  # segment of each packed row
+        rank = torch.arange(T + B) - cu[:-1][seg]  # 0 = cls, j = visible token j - 1
+        vis_start = cu[:-1] - torch.arange(B)  # first visible row of sample b in m.visible
+        src_idx = torch.where(rank == 0, 0, 1 + vis_start[seg] + rank - 1)  # into cat([cls, visible])
+        src = torch.cat([self.cls_token.reshape(1, -1).to(m.visible.dtype), m.visible], dim=0)
+        x = src[src_idx.to(dev, non_blocking=True)]
+        cu_dev = cu.to(torch.int32).to(dev, non_blocking=True)
+        max_seqlen = int(k.max()) + 1 if B else 1
+        for blk in self.blocks:
+            x = block_forward(blk, x, cu_seqlens=cu_dev, max_seqlen=max_seqlen)
+        return self.norm(x), cu_dev, m.mask, m.ids_restore
+
+    def forward_decoder_ragged(self, latent: torch.Tensor, cu: torch.Tensor, ids_restore: torch.Tensor
+                               ) -> torch.Tensor:
+        """Packed latent [T + B, D] (layout of `forward_encoder_ragged`) -> pred [B, L, p*p*C]: each sample's
+        tokens scattered back to its L positions (mask token elsewhere), then the dense decoder."""
+        x = self.decoder_embed(latent)
+        B, L = ids_restore.shape
+        D = x.shape[1]
+        start = cu[:-1].to(torch.int64)[:, None]  # device-side index arithmetic: no host sync
+        k = cu[1:].to(torch.int64)[:, None] - start - 1
+        kept = ids_restore < k
+        # into cat([mask_token, packed]): 0 = mask token, 1 + row otherwise
+        patch_idx = torch.where(kept, 1 + start + 1 + ids_restore, 0)
+        idx = torch.cat([1 + start, patch_idx], dim=1)  # [B, 1 + L]: cls first
+        src = torch.cat([self.mask_token.reshape(1, D).to(x.dtype), x], dim=0)
+        x = src[idx]
+        pos = torch.cat([torch.zeros_like(self.decoder_pos_embed[:, :1]), self.decoder_pos_embed], dim=1)
+        x = x + pos.to(x.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:].contiguous()
 
     def forward(self, imgs: torch.Tensor, seed: int = 0, step: int = 0, mask_ratio: float | None = None,
-                sample_offset: int = 0):
+                sample_offset: int = 0, mask_ratio_range: tuple[float, float] | None = None):
         """`sample_offset`: global index of this batch's first sample (rank * per-rank batch under DDP), so
-        every rank draws different masks."""
-        latent, mask, ids_restore = self.forward_encoder(imgs, seed, step, mask_ratio, sample_offset)
-        pred = self.forward_decoder(latent, ids_restore)
+        every rank draws different masks. `mask_ratio_range=(lo, hi)`: ragged batch, one ratio per sample
+        (needs `ragged=True`); the returned mask [B, L] then has a different number of ones per row."""
+        if mask_ratio_range is not None:
+            ratios = ragged_mask_ratios(imgs.shape[0], *mask_ratio_range, seed, step, sample_offset)
+            latent, cu, mask, ids_restore = self.forward_encoder_ragged(imgs, ratios, seed, step, sample_offset)
+            pred = self.forward_decoder_ragged(latent, cu, ids_restore)
+        else:
+            latent, mask, ids_restore = self.forward_encoder(imgs, seed, step, mask_ratio, sample_offset)
+            pred = self.forward_decoder(latent, ids_restore)
         loss = mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss)
         return loss, pred, mask
 
 
-def mae_from_preset(name: str, **overrides) -> MaskedAutoencoderViT:
+def mae_from_preset(name: str, ragged: bool = False, **overrides) -> MaskedAutoencoderViT:
     cfg = get_preset(name)
     if overrides:
         cfg = MAEPreset(**{**cfg.to_dict(), **overrides})
-    return MaskedAutoencoderViT(cfg)
+    return MaskedAutoencoderViT(cfg, ragged=ragged)

@@ -1,5 +1,7 @@
 """MAE pretraining stage: data -> MaskedAutoencoderViT; the engine runs the loop.
 
+`--mask-ratio-range LO HI` trains on ragged batches (one mask ratio per sample, packed encoder tokens).
+
 Run directory (besides the engine's files): reconstruction.png, data_report.csv, splits.csv.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dermfast.train.stages import Parts, Stage, register_stage
 class MAEConfig(DataConfig):
     preset: str = "demo"             # model preset: demo (CPU), vit_b16, vit_l16, vit_h14 (the paper's)
     mask_ratio: float | None = None  # fraction of patches removed; None = the preset's (0.75)
+    mask_ratio_range: tuple[float, float] | None = None  # ragged batches: per-sample ratio in [lo, hi] (e.g. 0.6 0.9)
     img_size: int | None = None      # image side in pixels; None = the preset's (demo 64, others 224)
     augment: Literal["mae", "none"] = "mae"  # mae: random resized crop (0.2-1) + flip; none: the full image, no flip
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (the MAE paper's)
@@ -27,6 +30,10 @@ class MAEConfig(DataConfig):
             raise ConfigError(f"unknown preset {self.preset!r}; accepted: {', '.join(presets())}")
         if self.mask_ratio is not None and not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_ratio_range is not None:
+            lo, hi = self.mask_ratio_range
+            if not 0.0 <= lo <= hi < 1.0:
+                raise ConfigError(f"--mask-ratio-range needs 0 <= lo <= hi < 1, got {lo} {hi}")
         preset = self.preset_obj()
         if preset.img_size % preset.patch_size:
             sizes = ", ".join(str(preset.patch_size * k) for k in range(4, 9))
@@ -63,7 +70,8 @@ class MAEStage(Stage):
         data = run.prepare_data(require_labels=False)
         self.records = data.part("train")  # pretraining sees the training split only; val / test stay unseen
         self.preset = cfg.preset_obj()
-        model = MaskedAutoencoderViT(self.preset).to(run.device)
+        # ragged: packed encoder tokens through MaskedAttention blocks (same weights and state_dict keys)
+        model = MaskedAutoencoderViT(self.preset, ragged=cfg.mask_ratio_range is not None).to(run.device)
         self.aug = mae_augment(cfg.img_size) if cfg.augment == "mae" else \
             Augment(size=cfg.img_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0)
         labels = self.records.labels
@@ -80,8 +88,10 @@ class MAEStage(Stage):
                      summary=f"preset {cfg.preset}, {len(self.records)} images, loader {loader.backend}")
 
     def step(self, batch, run):
+        rng = run.cfg.mask_ratio_range
+        extra = {} if rng is None else {"mask_ratio_range": tuple(rng)}
         loss, _, _ = run.model(batch["image"], seed=run.cfg.seed, step=run.micro_step,
-                               sample_offset=run.sample_offset)
+                               sample_offset=run.sample_offset, **extra)
         return loss, {}
 
     def final_meta(self, run) -> dict:
