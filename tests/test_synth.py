@@ -241,3 +241,18 @@ def test_balance_to_quotas(tmp_path):
     assert quotas(args, ["df", "mel", "nv", "vasc"]) == [4, 3, 0, 5]  # every class up to nv's 5
     with pytest.raises(UsageError, match="class 'nv' of the data is not one the checkpoint generates"):
         quotas(args, ["df", "mel"])
+
+
+@pytest.mark.slow
+def test_resume_across_the_phase_boundary(cache, tmp_path):
+    """Resumed from a denoiser-phase checkpoint, the run ends bit-identical (weights, EMA, latent scale)."""
+    from safetensors.torch import load_file
+    out = tmp_path / "rs"
+    args = ["--stage", "synth", "--max-steps", "8", "--vae-steps", "4", "--checkpoint-every", "6",
+            "--sample-every", "0", "--out", str(out), *SMALL]
+    assert train_main(args) == 0
+    first = load_file(str(out / "checkpoint.safetensors"))
+    assert train_main([*args, "--resume", str(out / "checkpoints" / "step_00000006")]) == 0
+    again = load_file(str(out / "checkpoint.safetensors"))
+    assert first.keys() == again.keys() and "latent_scale" in first and "ema_unet.conv_in.weight" in first
+    assert all(torch.equal(first[k], again[k]) for k in first)
