@@ -59,6 +59,7 @@ class TrainConfig:
     threads: int = -1                # torch intra-op threads; -1 = from the thread budget (cores - loader threads)
     fsdp: bool = False               # shard parameters, grads and optimiser state over ranks (FSDP2 fully_shard)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    compile: bool = False            # torch.compile the (DDP / FSDP-wrapped) model; the first steps compile
     progress: bool = True            # show a progress bar (rank 0)
 
     def validate(self) -> None:

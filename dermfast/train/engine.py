@@ -52,6 +52,15 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+# --compile: int keyword arguments of the model's forward that change every call (MAE's masking key `step`).
+# dynamo traces them as SymInts from the first call; L['kwargs'][...] is the name under a DDP-wrapped forward.
+COMPILE_DYNAMIC_INTS = ("step",)
+
+
+def _dynamic_sources() -> str:
+    return ",".join(f"L['{n}'],L['kwargs']['{n}']" for n in COMPILE_DYNAMIC_INTS)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -157,8 +166,12 @@ class _Trainer:
             r.log(f"activation checkpointing: {n} blocks recompute their activations in backward")
         if cfg.fsdp and not self.world.distributed:
             r.log("--fsdp with one process: nothing to shard; training unsharded (launch with torchrun)")
-        r.model = dist.wrap(model, self.world, r.device, fsdp=cfg.fsdp and self.world.distributed,
-                            blocks=stage.blocks(model), bf16=r.bf16)
+        r.model = self.wrapped = dist.wrap(model, self.world, r.device, fsdp=cfg.fsdp and self.world.distributed,
+                                           blocks=stage.blocks(model), bf16=r.bf16)
+        if cfg.compile:
+            r.model = torch.compile(self.wrapped)  # after DDP / FSDP2 wrapping (DDPOptimizer splits at buckets)
+            r.log(f"compile: on (torch.compile, inductor; {', '.join(COMPILE_DYNAMIC_INTS)} traced as symbolic "
+                  "ints: no recompilation per step)")
         groups = stage.param_groups(model, cfg) or param_groups(model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         try:
@@ -199,7 +212,10 @@ class _Trainer:
             (self.run_dir / "log.csv").unlink(missing_ok=True)
             (self.run_dir / "eval.csv").unlink(missing_ok=True)
         r.wrote(self.run_dir / "log.csv")
-        return self._loop()
+        if not cfg.compile:
+            return self._loop()
+        with torch.compiler.config.patch(dynamic_sources=_dynamic_sources()):
+            return self._loop()
 
     def _warn_tiny_epoch(self, batches: int) -> None:
         cfg, r = self.cfg, self.r
@@ -248,7 +264,7 @@ class _Trainer:
                             break
                         micro_in_step += 1
                         sync = micro_in_step == cfg.accum_steps
-                        with dist.no_sync(r.model, not sync):
+                        with dist.no_sync(self.wrapped, not sync):
                             with r.autocast():
                                 loss, scalars = stage.step(batch, r)
                             (loss / cfg.accum_steps).backward()
@@ -389,7 +405,7 @@ class _Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         r = self.r
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(r.model, self.opt, options=opts)  # full on rank 0, {} elsewhere
+        model_sd, optim_sd = get_state_dict(self.wrapped, self.opt, options=opts)  # full on rank 0, {} elsewhere
         extra_t, extra_meta = self.stage.extra_state()
         loader_state = None
         if mid_epoch:
@@ -429,7 +445,7 @@ class _Trainer:
         r = self.r
         tensors, state = ckpt.read_checkpoint(path)
         optim_sd = ckpt.unflatten_optimizer(tensors.get("optimizer", {}), state["optimizer"])
-        set_state_dict(r.model, self.opt, model_state_dict=tensors["model"], optim_state_dict=optim_sd,
+        set_state_dict(self.wrapped, self.opt, model_state_dict=tensors["model"], optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
         extra = tensors.get("extra", {})
         self.stage.load_extra_state({k[6:]: v for k, v in extra.items() if k.startswith("stage/")},

@@ -15,7 +15,7 @@ from dermfast.train.distributed import World
 
 # Options that may differ between a run and its resumption (they change neither the math nor the data).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "device", "workers", "threads", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "eval_every", "max_bad_steps"}
+                     "keep_checkpoints", "log_every", "eval_every", "max_bad_steps", "compile"}
 
 
 def available_cores() -> int:
