@@ -276,3 +276,17 @@ def test_compile_mae_matches_eager_losses_without_recompiling(tmp_path, monkeypa
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # step changes, no recompilation
     assert len(curves["eager"]) == 3 and all(np.isfinite(curves["compiled"]))
     np.testing.assert_allclose(curves["compiled"], curves["eager"], rtol=1e-4, atol=1e-5)
+
+
+def test_loader_thread_defaults_gpu_decoding_gets_most_cores_cpu_unchanged(monkeypatch):
+    from dermfast.train import preflight
+    from dermfast.train.distributed import World
+    assert preflight.loader_threads(16, "dali-gpu") == 12  # the loader's measured need for ~10k img/s
+    assert preflight.loader_threads(2, "torch") == 1 and preflight.loader_threads(2, "dali-cpu") == 1
+    assert preflight.loader_threads(1, "torch") == 0 and preflight.loader_threads(16, "torch") == 4
+    monkeypatch.setattr(preflight, "available_cores", lambda: 16)
+    threads, workers, line = preflight.thread_budget(ToyConfig(), World(), "dali-gpu")
+    assert (threads, workers) == (4, 12) and "DALI CPU threads 12" in line
+    monkeypatch.setattr(preflight, "available_cores", lambda: 2)
+    assert preflight.thread_budget(ToyConfig(), World(), "torch")[:2] == (1, 1)
+    assert preflight.thread_budget(ToyConfig(), World(), "dali-cpu")[:2] == (1, 1)
