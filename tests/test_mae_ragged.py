@@ -90,3 +90,23 @@ def test_mask_ratio_range_is_validated():
     for bad in ((0.9, 0.6), (-0.1, 0.5), (0.5, 1.0)):
         with pytest.raises(ConfigError, match="mask-ratio-range"):
             MAEConfig(mask_ratio_range=bad).validate()
+    with pytest.raises(ConfigError, match="--compile does not support --mask-ratio-range"):
+        MAEConfig(mask_ratio_range=(0.6, 0.9), compile=True).validate()
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_ragged_matches_dense_at_equal_ratios_and_trains():
+    torch.manual_seed(0)
+    dense = mae_from_preset("demo", img_size=64).cuda()
+    ragged = mae_from_preset("demo", ragged=True, img_size=64).cuda()
+    ragged.load_state_dict(dense.state_dict())
+    imgs = torch.randn(32, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_d, _, mask_d = dense(imgs, seed=1, step=4, mask_ratio=0.75)
+        loss_r, _, mask_r = ragged(imgs, seed=1, step=4, mask_ratio_range=(0.75, 0.75))
+        assert torch.equal(mask_r, mask_d)
+        torch.testing.assert_close(loss_r.float(), loss_d.float(), atol=2e-2, rtol=2e-2)
+        loss, pred, mask = ragged(imgs, seed=1, step=5, mask_ratio_range=(0.6, 0.9))
+    assert torch.isfinite(loss) and pred.is_contiguous()
+    loss.backward()
+    assert torch.isfinite(ragged.blocks[0].attn.qkv.weight.grad).all()

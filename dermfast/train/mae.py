@@ -34,6 +34,9 @@ class MAEConfig(DataConfig):
             lo, hi = self.mask_ratio_range
             if not 0.0 <= lo <= hi < 1.0:
                 raise ConfigError(f"--mask-ratio-range needs 0 <= lo <= hi < 1, got {lo} {hi}")
+            if self.compile:  # host-side ragged layout + per-step token counts: not a compiled graph (yet)
+                raise ConfigError("--compile does not support --mask-ratio-range yet (the packed token count "
+                                  "changes every step); drop one of them")
         preset = self.preset_obj()
         if preset.img_size % preset.patch_size:
             sizes = ", ".join(str(preset.patch_size * k) for k in range(4, 9))
