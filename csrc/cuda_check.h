@@ -67,3 +67,29 @@ inline const char* df_basename(const char* path) {
 
 #define DF_CHECK(cond, msg) DF_CHECK_IMPL_(cond, msg, std::invalid_argument)
 #define DF_CHECK_INDEX(cond, msg) DF_CHECK_IMPL_(cond, msg, std::out_of_range)
+
+namespace dermfast {
+
+// Makes `device` current for the guard's lifetime and restores the previous device after (launches go to the
+// pointer's own GPU, whatever the caller's current device is). Shared by every op's launcher.
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(int device) {
+        DF_CUDA_CHECK(cudaGetDevice(&prev_));
+        if (prev_ != device) {
+            DF_CUDA_CHECK(cudaSetDevice(device));
+            switched_ = true;
+        }
+    }
+    ~DeviceGuard() {
+        if (switched_) (void)cudaSetDevice(prev_);  // never throw from a destructor
+    }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  private:
+    int prev_ = 0;
+    bool switched_ = false;
+};
+
+}  // namespace dermfast

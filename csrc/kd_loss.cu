@@ -240,26 +240,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Switches to `device` for the lifetime of the guard if it is not already current (the launch goes to the
 // logits' device, whatever the caller's current device is).
-class DeviceGuard {
-  public:
-    explicit DeviceGuard(int device) {
-        DF_CUDA_CHECK(cudaGetDevice(&prev_));
-        if (prev_ != device) {
-            DF_CUDA_CHECK(cudaSetDevice(device));
-            switched_ = true;
-        }
-    }
-    ~DeviceGuard() {
-        if (switched_) (void)cudaSetDevice(prev_);  // never throw from a destructor
-    }
-    DeviceGuard(const DeviceGuard&) = delete;
-    DeviceGuard& operator=(const DeviceGuard&) = delete;
-
-  private:
-    int prev_ = 0;
-    bool switched_ = false;
-};
-
 template <typename TS, typename TT, typename TG>
 void launch(std::uintptr_t s, std::uintptr_t t, std::uintptr_t g, const Params& p, cudaStream_t stream) {
     const auto* sp = reinterpret_cast<const TS*>(s);

@@ -215,26 +215,6 @@ __global__ void __launch_bounds__(kThreads) mae_loss_bwd_kernel(const TI* __rest
     }
 }
 
-class DeviceGuard {
-  public:
-    explicit DeviceGuard(int device) {
-        DF_CUDA_CHECK(cudaGetDevice(&prev_));
-        if (prev_ != device) {
-            DF_CUDA_CHECK(cudaSetDevice(device));
-            switched_ = true;
-        }
-    }
-    ~DeviceGuard() {
-        if (switched_) (void)cudaSetDevice(prev_);
-    }
-    DeviceGuard(const DeviceGuard&) = delete;
-    DeviceGuard& operator=(const DeviceGuard&) = delete;
-
-  private:
-    int prev_ = 0;
-    bool switched_ = false;
-};
-
 Geometry make_geometry(const std::vector<std::int64_t>& shape, std::int64_t patch,
                        const std::vector<std::int64_t>& s_imgs, const std::vector<std::int64_t>& s_pred,
                        const std::vector<std::int64_t>& s_mask, int mask_dtype, bool norm_pix, double eps) {
