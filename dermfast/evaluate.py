@@ -53,6 +53,21 @@ def predict(model, loader, device: torch.device, tta: bool = False, autocast=Non
     return torch.cat(probs).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
+def validation_metrics(model, loader, device: torch.device, classes: list[str], positive: str | None,
+                       autocast=None) -> dict:
+    """The metrics a classifier stage logs and selects its best checkpoint by (finetune and distill alike):
+    balanced_accuracy, accuracy, macro_f1, auroc, and pauc (above 80% TPR; None without a positive class)."""
+    from dermfast.eval import metrics as M
+    probs, y = predict(model, loader, device, autocast=autocast)
+    pred = probs.argmax(1)
+    out = {"balanced_accuracy": M.balanced_accuracy(y, pred), "accuracy": M.accuracy(y, pred),
+           "macro_f1": M.macro_f1(y, pred), "auroc": M.auroc(y, probs), "pauc": None}
+    if positive is not None:
+        k = classes.index(positive)
+        out["pauc"] = M.pauc_above_tpr(y == k, probs[:, k])
+    return out
+
+
 def eval_augment(meta: dict):
     from dermfast.data.augment import Augment
     return Augment(size=int(meta["img_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]))

@@ -229,16 +229,9 @@ class FinetuneStage(Stage):
     def evaluate(self, run) -> dict | None:
         if self.val_loader is None:
             return None
-        from dermfast.eval import metrics as M
-        from dermfast.evaluate import predict
-        probs, y = predict(run.model, self.val_loader, run.device, autocast=run.autocast())
-        pred = probs.argmax(1)
-        out = {"balanced_accuracy": M.balanced_accuracy(y, pred), "accuracy": M.accuracy(y, pred),
-               "macro_f1": M.macro_f1(y, pred), "auroc": M.auroc(y, probs), "pauc": None}
-        if self.positive is not None:
-            k = self.classes.index(self.positive)
-            out["pauc"] = M.pauc_above_tpr(y == k, probs[:, k])
-        return out
+        from dermfast.evaluate import validation_metrics
+        return validation_metrics(run.model, self.val_loader, run.device, self.classes, self.positive,
+                                  autocast=run.autocast())
 
     def selection(self, cfg: FinetuneConfig):
         return (cfg.select, "max")
