@@ -48,9 +48,10 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def time_fn(fn: Callable[[], object], *, warmup: int = 5, rep: int = 30) -> dict:
-    """Median and 20 / 80 % quantiles of fn() in ms (device events on CUDA; wall clock on CPU)."""
-    if on_gpu():
+def time_fn(fn: Callable[[], object], *, warmup: int = 5, rep: int = 30, host: bool = False) -> dict:
+    """Median and 20 / 80 % quantiles of fn() in ms (device events on CUDA; wall clock on CPU, or for host-only
+    work such as the sampler's numpy code when `host=True`: device events would not see it)."""
+    if on_gpu() and not host:
         from triton.testing import do_bench
         med, p20, p80 = do_bench(fn, warmup=warmup * 5, rep=rep * 5, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
