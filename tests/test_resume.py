@@ -51,7 +51,7 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_same_losses(tmp_path):
     reference = _log(tmp_path / "ref" / "log.csv")
     assert [int(r["step"]) for r in reference] == list(range(1, 15))
 
-    kill_at = int(os.environ.get("DERMFAST_KILL_STEP") or random.SystemRandom().randint(4, 10))
+    kill_at = int(os.environ.get("DERMFAST_KILL_STEP") or random.SystemRandom().randint(4, 8))  # >= 5 steps of slack under load
     why = f"(killed after logging step {kill_at}; replay with DERMFAST_KILL_STEP={kill_at})"
     proc = subprocess.Popen(_cmd(tmp_path, "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
