@@ -108,3 +108,19 @@ def test_same_windows_as_the_dali_loader(records):
     a, b = _cat(list(t), "image"), _cat(list(d), "image")
     assert a.shape == b.shape
     assert (a - b).abs().mean() < 0.02  # measured ~0.003 (PIL vs DALI bicubic); another window would be ~0.3
+
+
+def test_workers_ignore_a_terminal_ctrl_c(records):
+    """A terminal Ctrl-C reaches the whole process group; the engine checkpoints on SIGINT, so the workers must
+    survive it (before the fix a worker died and the next batch raised 'worker exited unexpectedly')."""
+    import os
+    import signal
+    loader = TorchLoader(records, TRAIN_AUG, 2, train=True, workers=1, seed=3)
+    it = iter(loader)
+    first = next(it)
+    worker = loader.loader._iterator._workers[0]
+    os.kill(worker.pid, signal.SIGINT)
+    worker.join(timeout=1.0)
+    assert worker.is_alive()
+    rest = list(it)
+    assert len(rest) == len(loader) - 1 and len(first["label"]) == 2

@@ -18,6 +18,7 @@ yields the same batches: dicts of `image` [B, 3, S, S] (float32, or `output_dtyp
 from __future__ import annotations
 
 import io
+import signal
 
 import torch
 from PIL import Image
@@ -110,6 +111,13 @@ class _PlannedBatches:
             yield [(int(order[p]), epoch, p) for p in range(lo, hi)]
 
 
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a terminal Ctrl-C signals the whole process group, workers included; the
+    main process turns SIGINT into "finish the step, checkpoint", so a worker must not die of it (the next batch
+    would raise "DataLoader worker exited unexpectedly" instead). The main process still stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def default_workers(requested: int = -1) -> int:
     """DataLoader workers: `requested`, or for -1 this rank's cores, at most 8."""
     return min(cores_per_rank(), 8) if requested < 0 else requested
@@ -133,7 +141,8 @@ class TorchLoader:
         self._batches = _PlannedBatches(self.plan)
         ds = RecordsDataset(records, aug, self.train, self.seed, self.plan.rank)
         self.loader = DataLoader(ds, batch_sampler=self._batches, num_workers=self.workers,
-                                 persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda")
+                                 persistent_workers=self.workers > 0,
+                                 worker_init_fn=ignore_sigint if self.workers > 0 else None, pin_memory=self.device.type == "cuda")
         self._active = None
 
     @property
