@@ -411,3 +411,32 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_strided_target_and_class_weight(backend, reduction):
+    """A target or class weight that is a strided view (e.g. a column of a [N, 2] label tensor) is read with its
+    stride: the kernels index them as flat arrays, so the op must hand them over contiguous."""
+    N, C = 5, 7
+    s, t, _, _, T, alpha = make_inputs(N, C, "kd_only")
+    y = torch.randint(0, C, (N, 2))[:, 1]  # stride 2
+    w = (torch.rand(C, 3) + 0.1)[:, 2]  # stride 3
+    assert y.stride(0) == 2 and w.stride(0) == 3
+    want, want_g = reference(s, t, y, w, T, alpha, reduction)
+    got, got_g = run(backend, s, t, y, w, T, alpha, reduction)
+    assert_close(got, want, torch.float32, "loss")
+    assert_close(got_g, want_g, torch.float32, "grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_logits_on_a_non_current_device(backend):
+    """Triton launches on the current device: logits on cuda:1 with cuda:0 current must still be right."""
+    s, t, y, w, T, alpha = make_inputs(64, 1000, "target_weight", torch.float32, device="cuda:1")
+    want, want_g = reference(s, t, y, w, T, alpha, "mean")
+    with torch.cuda.device(0):
+        got, got_g = run(backend, s, t, y, w, T, alpha, "mean")
+    assert_close(got.cpu(), want.cpu(), torch.float32, "loss")
+    assert_close(got_g.cpu(), want_g.cpu(), torch.float32, "grad")

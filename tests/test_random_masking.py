@@ -372,3 +372,20 @@ def test_gpu_backward_is_deterministic_and_matches():
     for gx, gp in grads[1:]:
         assert torch.equal(gx, grads[0][0])
         torch.testing.assert_close(gp.float(), grads[0][1].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_tokens_on_a_non_current_device(backend):
+    """Triton launches on the current device: x on cuda:1 with cuda:0 current must still be right (fwd + bwd)."""
+    x = torch.randn(4, 50, 24, device="cuda:1", requires_grad=True)
+    pos = torch.randn(50, 24, device="cuda:1", requires_grad=True)
+    want = random_masking_ref(x.detach().double(), 0.75, 3, 9, pos.detach().double())
+    with torch.cuda.device(0):
+        got = random_masking(x, 0.75, 3, 9, pos, backend=backend)
+        got.visible.sum().backward()
+    assert torch.equal(got.ids_keep, want.ids_keep) and torch.equal(got.ids_restore, want.ids_restore)
+    assert torch.allclose(got.visible.double(), want.visible, atol=1e-5)
+    assert torch.equal(x.grad, (1 - want.mask).to(x.dtype)[:, :, None].expand_as(x))
+    assert torch.allclose(pos.grad, (1 - want.mask).sum(0).float()[:, None].expand_as(pos))

@@ -30,6 +30,7 @@ torch.compile(fullgraph=True) traces through it.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -160,15 +161,21 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it t's (t on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _triton_fwd(s, t, target, class_weight, temperature, alpha, reduction, write_grad):
     from dermfast.kernels import kd_loss as kern
     N, C = s.shape
     kd_ls, kd_gs, ce_scale = _scales(N, temperature, alpha, target is not None, class_weight is not None, reduction)
     if t.dtype not in _FUSED_DTYPES:
         t = t.float()
-    rows, grad = kern.launch(s, t, target, class_weight, _weight_sum(target, class_weight, C, reduction),
-                             inv_t=1.0 / float(temperature), kd_loss_scale=kd_ls, kd_grad_scale=kd_gs,
-                             ce_scale=ce_scale, write_grad=write_grad)
+    with _on_device(s):
+        rows, grad = kern.launch(s, t, target, class_weight, _weight_sum(target, class_weight, C, reduction),
+                                 inv_t=1.0 / float(temperature), kd_loss_scale=kd_ls, kd_grad_scale=kd_gs,
+                                 ce_scale=ce_scale, write_grad=write_grad)
     return (rows if reduction == "none" else rows.sum()), grad
 
 
@@ -225,6 +232,10 @@ def _kd_loss_custom(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     impl = kd_loss_op.select(q, backend)
     s = student_logits if student_logits.stride(1) == 1 else student_logits.contiguous()
     t = teacher_logits if teacher_logits.stride(1) == 1 else teacher_logits.contiguous()
+    # the kernels index target and class_weight as flat arrays: a strided view (a column of a label matrix)
+    # would otherwise be read with the wrong stride
+    target = target.contiguous() if target is not None else None
+    class_weight = class_weight.contiguous() if class_weight is not None else None
     return impl.fn(s, t, target, class_weight, temperature, alpha, reduction, write_grad)
 
 

@@ -20,6 +20,7 @@ device-to-host copy (the output size depends on its values).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -180,14 +181,21 @@ def _bwd_torch(g, ids_restore, cu, need_x, need_pos):
     return (gx if need_x else g.new_empty(0)), gp
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it t's (t on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _fwd_triton(x, pos, cu, total, h_step, sample_offset, mask_dtype):
     from dermfast.kernels import random_masking as k
-    return k.masking_fwd(x, pos, cu, total, h_step, sample_offset, mask_dtype)
+    with _on_device(x):
+        return k.masking_fwd(x, pos, cu, total, h_step, sample_offset, mask_dtype)
 
 
 def _bwd_triton(g, ids_restore, cu, need_x, need_pos):
     from dermfast.kernels import random_masking as k
-    return k.masking_bwd(g, ids_restore, cu, need_x, need_pos)
+    with _on_device(g):
+        return k.masking_bwd(g, ids_restore, cu, need_x, need_pos)
 
 
 _CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
