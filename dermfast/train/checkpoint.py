@@ -11,6 +11,9 @@
 
 A checkpoint folder is written under a temporary name in the same directory and renamed into place, so a
 folder named step_* is always complete (a kill -9 mid-write leaves only a .tmp folder, removed next time).
+Every file and the folders are fsynced before and after the rename, so a power loss cannot leave a step_*
+folder of empty files either; a step written again replaces the old folder by renames, never by deleting it
+in place (a kill mid-delete would leave a step_* folder with state.json but no weights for --resume auto).
 Files get the mode the run's other files get (0666 & ~umask), not the 0600 of a temporary file.
 """
 from __future__ import annotations
@@ -41,12 +44,24 @@ def _chmod_tree(root: Path) -> None:
         os.chmod(p, mode)
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries: a rename in it) by path."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically (temp name + rename) write JSON with the run's file mode."""
+    """Atomically (temp name + fsync + rename + fsync of the folder) write JSON with the run's file mode."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
     os.chmod(tmp, file_mode())
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
@@ -57,7 +72,9 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     save_file(flat, str(tmp), metadata=meta)
     os.chmod(tmp, file_mode())
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, Any]:
@@ -117,12 +134,20 @@ def write_checkpoint(root: Path, step: int, files: dict[str, tuple[dict, dict | 
         shutil.rmtree(tmp)
     tmp.mkdir()
     for name, (tensors, meta) in files.items():
+        if not tensors and not meta:  # e.g. no optimiser state yet (every step skipped): safetensors cannot
+            continue  # read back a file with no tensors and no metadata; read_checkpoint treats it as {}
         save_safetensors(tmp / name, tensors, meta)
     write_json(tmp / "state.json", state)
     _chmod_tree(tmp)
-    if final.exists():  # the same step written again (e.g. epoch end == --checkpoint-every)
-        shutil.rmtree(final)
+    fsync_path(tmp)
+    old = None
+    if final.exists():  # the same step written again (e.g. epoch end == --checkpoint-every): move it aside
+        old = final.parent / f".{final.name}.tmp-old-{os.getpid()}"
+        os.replace(final, old)
     os.replace(tmp, final)
+    fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
     prune(root, keep)
     return final
 
