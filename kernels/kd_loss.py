@@ -113,10 +113,10 @@ def _kd_loss_fwd_kernel(
     g_row = g_ptr + rows64[:, None] * stride_g
 
     if HAS_TARGET:
-        y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # int32 would wrap 2^32 + k to k
         y_ok = (y >= 0) & (y < C)
     else:
-        y = tl.zeros([ROWS], dtype=tl.int32)
+        y = tl.zeros([ROWS], dtype=tl.int64)
         y_ok = row_ok
 
     # ---- pass 1: online statistics of softmax(s/T), softmax(s), softmax(t/T); the target logit s_y ----

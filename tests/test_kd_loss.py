@@ -440,3 +440,14 @@ def test_gpu_logits_on_a_non_current_device(backend):
         got, got_g = run(backend, s, t, y, w, T, alpha, "mean")
     assert_close(got.cpu(), want.cpu(), torch.float32, "loss")
     assert_close(got_g.cpu(), want_g.cpu(), torch.float32, "grad")
+
+
+@nan_math
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unchecked_target_beyond_int32_is_nan(backend):
+    """An int64 target of 2^32 + 3 is out of range: truncating it to int32 (3) would give a finite wrong row."""
+    s, t, y, w, T, alpha = make_inputs(3, 7, "target_weight", torch.float32)
+    y[1] = 2**32 + 3
+    for weight in (None, w.float()):
+        rows = kd_loss(s, t, y, T, alpha, weight, "none", backend, validate_target=False)
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all(), rows
