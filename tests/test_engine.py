@@ -290,3 +290,18 @@ def test_loader_thread_defaults_gpu_decoding_gets_most_cores_cpu_unchanged(monke
     monkeypatch.setattr(preflight, "available_cores", lambda: 2)
     assert preflight.thread_budget(ToyConfig(), World(), "torch")[:2] == (1, 1)
     assert preflight.thread_budget(ToyConfig(), World(), "dali-cpu")[:2] == (1, 1)
+
+
+def test_every_checkpoint_write_is_followed_by_a_barrier(tmp_path, monkeypatch):
+    """Rank 0 writes; the other ranks must wait at a barrier after each write (on an interrupt they would exit
+    first and torchrun would kill rank 0 mid-write). Recorded here as: at each barrier, which steps are on disk."""
+    from dermfast.train import checkpoint as ckpt
+    from dermfast.train import distributed as dist
+    out = tmp_path / "barrier"
+    seen = []
+    monkeypatch.setattr(dist, "barrier", lambda: seen.append(len(ckpt.list_checkpoints(out))))
+    code, _ = toy(tmp_path, "barrier", epochs=2, checkpoint_every=3, keep_checkpoints=10)
+    assert code == 0
+    written = len(ckpt.list_checkpoints(out))
+    assert written >= 3
+    assert seen[1:] == list(range(1, written + 1))  # the start-up barrier, then one after each write

@@ -416,8 +416,15 @@ class _Trainer:
         rng = {"torch": torch.get_rng_state().tolist(), "numpy": _np_state(), "python": _py_state(),
                "cuda": torch.cuda.get_rng_state(r.device).tolist() if r.device.type == "cuda" else None}
         per_rank = _gather({"loader": loader_state, "rng": rng})
-        if not self.world.is_main:
-            return None
+        path = self._write_checkpoint(model_sd, optim_sd, extra_t, extra_meta, per_rank, mid_epoch) \
+            if self.world.is_main else None
+        # The other ranks wait for rank 0's write: on an interrupt they would otherwise exit first, and torchrun
+        # tears down the remaining workers (rank 0 mid-write) when one exits non-zero.
+        dist.barrier()
+        return path
+
+    def _write_checkpoint(self, model_sd, optim_sd, extra_t, extra_meta, per_rank, mid_epoch: bool) -> Path:
+        r = self.r
         optim_t, optim_meta = ckpt.flatten_optimizer(optim_sd)
         tensors = {f"stage/{k}": v for k, v in extra_t.items()}
         for rank, pr in enumerate(per_rank):
