@@ -451,3 +451,27 @@ def test_unchecked_target_beyond_int32_is_nan(backend):
     for weight in (None, w.float()):
         rows = kd_loss(s, t, y, T, alpha, weight, "none", backend, validate_target=False)
         assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all(), rows
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_cuda_launcher_passes_row_strides_the_kernel_accepts(monkeypatch, N):
+    """csrc/kd_loss.cu rejects row strides < C; an expanded student (row stride 0) or a one-row transposed view
+    (row stride 1) is valid input, so the launcher must copy / normalise, not fail. Runs the launcher against a
+    stub extension that records the strides and fills the outputs from the torch backend."""
+    from dermfast.ops import kd_loss_op as mod
+    C = 6
+    seen = {}
+
+    class Stub:
+        def kd_loss_fwd(self, *a, **kw):
+            seen["strides"] = (a[9], a[10])
+            assert a[9] >= C and a[10] >= C, a[9:11]
+
+    monkeypatch.setattr(_optional, "cuda_ext", Stub())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    s = torch.randn(1, C).expand(N, C) if N > 1 else torch.randn(C, 1).t()
+    t = torch.randn(C, 1).t().expand(N, C)
+    assert s.stride(0) < C and t.stride(0) < C
+    mod._cuda_fwd(s, t, None, None, 2.0, 0.5, "mean", True)
+    assert seen["strides"] == ((C, C))

@@ -188,6 +188,11 @@ def _cuda_fwd(s, t, target, class_weight, temperature, alpha, reduction, write_g
     kd_ls, kd_gs, ce_scale = _scales(N, temperature, alpha, target is not None, class_weight is not None, reduction)
     if t.dtype not in _FUSED_DTYPES:
         t = t.to(s.dtype)
+    # the kernel wants row strides >= C: an expanded [N, C] (row stride 0) is copied; a single row's stride is
+    # never used, so any value (e.g. 1 for a transposed [C, 1]) is passed as C
+    s = s if N == 1 or s.stride(0) >= C else s.contiguous()
+    t = t if N == 1 or t.stride(0) >= C else t.contiguous()
+    stride_s, stride_t = (s.stride(0), t.stride(0)) if N > 1 else (C, C)
     if target is not None and target.dtype != torch.int64:
         target = target.long()
     if class_weight is not None and class_weight.dtype != torch.float32:
@@ -199,7 +204,7 @@ def _cuda_fwd(s, t, target, class_weight, temperature, alpha, reduction, write_g
         s.data_ptr(), t.data_ptr(), target.data_ptr() if target is not None else 0,
         class_weight.data_ptr() if class_weight is not None else 0, wsum.data_ptr() if wsum is not None else 0,
         rows.data_ptr(), grad.data_ptr() if write_grad else 0,
-        N, C, s.stride(0), t.stride(0), _DTYPE_CODE[s.dtype], _DTYPE_CODE[t.dtype],
+        N, C, stride_s, stride_t, _DTYPE_CODE[s.dtype], _DTYPE_CODE[t.dtype],
         1.0 / float(temperature), kd_ls, kd_gs, ce_scale, s.device.index if s.device.index is not None
         else torch.cuda.current_device(), torch.cuda.current_stream(s.device).cuda_stream)
     return (rows if reduction == "none" else rows.sum()), grad
