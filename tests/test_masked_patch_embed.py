@@ -119,3 +119,19 @@ def test_gpu_vit_h_shapes(dtype):
     got = masked_patch_embed(imgs, weight, bias, 14, ids, pos)
     ref = masked_patch_embed_ref(imgs.double(), weight.double(), bias.double(), 14, ids, pos.double())
     torch.testing.assert_close(got.double(), ref, atol=5e-2 if dtype != torch.float32 else 1e-3, rtol=2e-2)
+
+
+def test_gradients_with_repeated_ids_keep_accumulate():
+    """ids_keep with a patch listed twice in a sample (accepted input; the forward gathers it twice): its pixel
+    and pos_embed gradients are the sum of both rows' gradients, as the reference's autograd says."""
+    imgs, weight, bias, _, pos = _inputs(2, 3, 8, 12, 4, 7, dtype=torch.float64)
+    ids = torch.tensor([[0, 5, 0, 2], [3, 3, 3, 1]])
+    leaves = [t.clone().requires_grad_() for t in (imgs, weight, bias, pos)]
+    refs = [t.clone().requires_grad_() for t in (imgs, weight, bias, pos)]
+    out = masked_patch_embed(leaves[0], leaves[1], leaves[2], 4, ids, leaves[3])
+    ref = masked_patch_embed_ref(refs[0], refs[1], refs[2], 4, ids, refs[3])
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, refs, g)
+    for name, a, b in zip(("imgs", "weight", "bias", "pos"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)

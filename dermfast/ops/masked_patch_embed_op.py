@@ -11,9 +11,9 @@ The torch path (advanced-index gather + one matmul, which cuBLAS / the CPU BLAS 
 implementation; a Triton gather would only move the same bytes. It is a `torch.library` custom op
 (`dermfast::masked_patch_embed`) with a fake implementation and a registered autograd:
   out[b, k] = W @ patch(b, ids_keep[b, k]) + bias + pos[ids_keep[b, k]]
-  dW = g^T @ patches, dbias = sum g, dpos[l] = sum_b g[b, r_b(l)] (each patch is kept at most once per
-  sample, so it is a scatter into [B, L, D] without collisions, then a sum over b: deterministic),
-  dimgs = scatter of g @ W into the kept patches (zeros elsewhere).
+  dW = g^T @ patches, dbias = sum g, dpos[l] = sum_b g[b, r_b(l)] (an accumulating index_put_ into [B, L, D],
+  then a sum over b: ids from random masking never collide within a sample, so it is deterministic; a repeated
+  id gets the sum of its rows), dimgs = the same accumulating scatter of g @ W into the kept patches.
 Under autocast the wrapper casts the floating inputs to the autocast dtype, as F.linear would.
 """
 from __future__ import annotations
@@ -104,14 +104,18 @@ def _mpe_backward(ctx, g):
     if need_b and ctx.has_bias:
         g_b = g.sum((0, 1), dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
     if need_pos and ctx.has_pos:
-        full = g.new_zeros(B, ctx.L, D).scatter(1, ids_keep[:, :, None].expand(-1, -1, D), g)
+        # accumulate: a patch listed twice in a sample gets both rows (unique ids never collide, so the adds are
+        # exact and deterministic; index_put_ also has a deterministic CUDA mode, unlike a 3-D scatter_add)
+        rows = torch.arange(B, device=g.device)[:, None].expand(B, K)
+        full = g.new_zeros(B, ctx.L, D).index_put_((rows, ids_keep), g, accumulate=True)
         g_pos = full.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
     if need_img:
         Bi, C, H, W = imgs.shape
         rows, hi, wi = _grid_index(imgs, p, ids_keep)
         gp = (g @ weight.to(g.dtype)).reshape(B, K, C, p, p).to(imgs.dtype)
         g6 = imgs.new_zeros(B, C, H // p, p, W // p, p)
-        g6[rows.expand(B, K), :, hi, :, wi, :] = gp  # patches unique per sample: no accumulation
+        # accumulate into the [B, h, w, C, p, p] view, so a repeated id gets the sum of its rows' gradients
+        g6.permute(0, 2, 4, 1, 3, 5).index_put_((rows.expand(B, K), hi, wi), gp, accumulate=True)
         g_img = g6.reshape(B, C, H, W)
     return g_img, g_w, g_b, None, None, g_pos, None
 
