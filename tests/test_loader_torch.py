@@ -124,3 +124,18 @@ def test_workers_ignore_a_terminal_ctrl_c(records):
     assert worker.is_alive()
     rest = list(it)
     assert len(rest) == len(loader) - 1 and len(first["label"]) == 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterating_leaves_the_global_torch_rng_alone(records, workers):
+    """DataLoader draws its workers' base seed from the global RNG at each new iterator (once, with persistent
+    workers); a resumed run creates it at another point of the RNG stream, so every later torch.rand (dropout,
+    masking) would differ from the uninterrupted run's. The loader uses its own generator instead."""
+    loader = TorchLoader(records, TRAIN_AUG, 4, train=True, workers=workers, seed=3)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == len(loader)
+    assert torch.equal(torch.rand(3), expected)

@@ -140,7 +140,10 @@ class TorchLoader:
         self.workers = default_workers(workers)
         self._batches = _PlannedBatches(self.plan)
         ds = RecordsDataset(records, aug, self.train, self.seed, self.plan.rank)
+        # Its own generator: DataLoader draws each new iterator's worker base seed from it, never from the global
+        # RNG (a resumed run creates its iterator elsewhere in that stream, so dropout / masking would differ).
         self.loader = DataLoader(ds, batch_sampler=self._batches, num_workers=self.workers,
+                                 generator=torch.Generator().manual_seed(self.seed),
                                  persistent_workers=self.workers > 0,
                                  worker_init_fn=ignore_sigint if self.workers > 0 else None, pin_memory=self.device.type == "cuda")
         self._active = None
