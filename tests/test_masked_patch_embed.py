@@ -135,3 +135,17 @@ def test_gradients_with_repeated_ids_keep_accumulate():
     want = torch.autograd.grad(ref, refs, g)
     for name, a, b in zip(("imgs", "weight", "bias", "pos"), got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@gpu
+def test_gpu_negative_ids_keep_fail_instead_of_wrapping():
+    """On CUDA ids_keep is checked by an async device assert (no host sync); it poisons the CUDA context, so the
+    check runs in a subprocess, which must fail rather than embed the wrapped-around last patch."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom dermfast.ops import masked_patch_embed\n"
+            "imgs = torch.randn(1, 3, 8, 8, device='cuda'); w = torch.randn(5, 3, 4, 4, device='cuda')\n"
+            "ids = torch.tensor([[-1, 0]], device='cuda')\n"
+            "masked_patch_embed(imgs, w, None, 4, ids); torch.cuda.synchronize(); print('no error')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no error" not in proc.stdout, proc.stdout + proc.stderr[-2000:]

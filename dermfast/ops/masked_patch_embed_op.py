@@ -153,6 +153,10 @@ def _validate(imgs, weight, bias, patch_size, ids_keep, pos_embed):
         lo, hi = int(ids_keep.min()), int(ids_keep.max())  # on the host already: no sync
         if lo < 0 or hi >= L:
             raise ValueError(f"masked_patch_embed: ids_keep must lie in [0, L={L}), got [{lo}, {hi}]")
+    elif ids_keep.numel() and not torch.compiler.is_compiling():
+        # on the device: no host read, an asynchronous device-side assert instead (a negative id would otherwise
+        # wrap around in the advanced-index gather: a silently wrong patch)
+        torch._assert_async(((ids_keep >= 0) & (ids_keep < L)).all(), "masked_patch_embed: ids_keep outside [0, L)")
     if pos_embed is not None and (tuple(pos_embed.shape) not in ((1, L, D), (L, D))
                                   or not pos_embed.is_floating_point()):
         raise ValueError(f"masked_patch_embed: pos_embed must be a floating [1, L, D] or [L, D] = [1, {L}, {D}], "
