@@ -445,3 +445,22 @@ def test_eval_follows_a_sampler_when_given(records):
     assert len(idx) == 6  # 16 real images (synthetic ones need synth_ratio) over 3 ranks, wrapped
     assert _cat(batches, "label").tolist() == records.labels[idx].tolist()
     assert [len(b["label"]) for b in batches] == [4, 2]  # eval keeps the last partial batch
+
+
+def test_parallel_source_workers_ignore_a_terminal_ctrl_c(records):
+    """A terminal Ctrl-C reaches DALI's reader processes too; the engine turns SIGINT into "finish the step,
+    checkpoint", so they must survive it (before the fix they died and the next batch raised)."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+    par = _cpu(records, TRAIN_AUG, 6, parallel=True, py_workers=1, train=True, seed=2)
+    it = iter(par)
+    next(it)
+    workers = multiprocessing.active_children()
+    assert workers
+    for w in workers:
+        os.kill(w.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert all(w.is_alive() for w in workers)
+    assert len(list(it)) == len(par) - 1

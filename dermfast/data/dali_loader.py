@@ -196,6 +196,17 @@ class _BatchSource:
         self.train, self.aug, self.seed, self.rank = train, aug, seed, rank
         self._cursor = None  # (DALI epoch, epoch, start, its first iteration): iterations come in rising order
 
+    def __setstate__(self, state):
+        """Unpickled in a parallel-mode worker process: ignore SIGINT there. A terminal Ctrl-C signals the whole
+        process group; the main process turns it into "finish the step, checkpoint" (the engine), so a worker
+        must not die of it (the pipeline would fail instead). The main process still stops the workers."""
+        self.__dict__.update(state)
+        import multiprocessing
+        import signal
+        import threading
+        if multiprocessing.parent_process() is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def locate(self, j: int, i: int) -> tuple[int, int, int]:
         """(epoch, start, k): DALI epoch j's iteration i is batch k of `epoch`'s iteration from `start`."""
         base_epoch, base_start, stop = self.table.read(j)
