@@ -472,7 +472,10 @@ class DistillStage(Stage):
         if not ssd:
             logits = run.model(x)
             with torch.autocast(dev, enabled=False):
-                loss = kd_loss(logits.float(), teacher, y, cfg.temperature, cfg.alpha, self.weight)
+                # labels come from the validated data layer (in range by construction): no per-step host check;
+                # an out-of-range one would give a NaN loss, which the engine skips and counts
+                loss = kd_loss(logits.float(), teacher, y, cfg.temperature, cfg.alpha, self.weight,
+                               validate_target=False)
             return loss, {"acc": (logits.argmax(1) == y).float().mean()}
         student = run.model(x, ssd=True)
         rot_labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
