@@ -53,6 +53,16 @@ def predict(model, loader, device: torch.device, tta: bool = False, autocast=Non
     return torch.cat(probs).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
+def require_sklearn(stage: str) -> None:
+    """Classifier stages need scikit-learn for their validation metrics: a one-line ConfigError before any data."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        from dermfast.train.config import ConfigError
+        raise ConfigError(f"--stage {stage} needs scikit-learn for its validation metrics: "
+                          "pip install 'dermfast[eval]'") from None
+
+
 def validation_metrics(model, loader, device: torch.device, classes: list[str], positive: str | None,
                        autocast=None) -> dict:
     """The metrics a classifier stage logs and selects its best checkpoint by (finetune and distill alike):

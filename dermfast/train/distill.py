@@ -249,11 +249,8 @@ class DistillStage(Stage):
     Config = DistillConfig
 
     def resolve(self, cfg: DistillConfig, world) -> DistillConfig:
-        try:
-            import sklearn  # noqa: F401  (validation metrics)
-        except ImportError:
-            raise ConfigError("--stage distill needs scikit-learn for its validation metrics: "
-                              "pip install 'dermfast[eval]'") from None
+        from dermfast.evaluate import require_sklearn
+        require_sklearn("distill")
         self.kind = teacher_kind(cfg)
         if self.kind == "trained_here" and world.world_size > 1:
             raise ConfigError("under torchrun, give --teacher RUN (fine-tune one with --stage finetune first)")

@@ -113,11 +113,8 @@ class FinetuneStage(Stage):
     Config = FinetuneConfig
 
     def resolve(self, cfg: FinetuneConfig, world) -> FinetuneConfig:
-        try:
-            import sklearn  # noqa: F401  (validation metrics)
-        except ImportError:
-            raise ConfigError("--stage finetune needs scikit-learn for its validation metrics: "
-                              "pip install 'dermfast[eval]'") from None
+        from dermfast.evaluate import require_sklearn
+        require_sklearn("finetune")
         meta = _init_meta(cfg)
         if meta.get("stage") == "mae" and cfg.model != "mae_vit":
             raise ConfigError(f"--init {cfg.init} is an MAE checkpoint: it initialises --model mae_vit "
