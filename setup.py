@@ -1,7 +1,8 @@
 """Build script for dermfast.
 
-Layout: the Python package is dermfast/; the top-level kernels/ directory (Triton kernels) is installed as the
-subpackage ``dermfast.kernels`` through package_dir, never as a top-level ``kernels`` package. csrc/ holds CUDA
+Layout: the Python package is dermfast/; the top-level kernels/ directory (Triton kernels, no __init__.py) is
+reached through the symlink dermfast/kernels and installed as the namespace subpackage ``dermfast.kernels``, never
+as a top-level ``kernels`` package (that name is Hugging Face's, and transformers imports it). csrc/ holds CUDA
 C++ built by CMake (CMakeLists.txt) into one pybind11 module, ``dermfast._C``; nothing links libtorch, so torch
 is a run-time dependency only, never a build one.
 
@@ -198,8 +199,11 @@ def _version() -> str:
     return match.group(1)
 
 
-# kernels/ (and any subpackages of it) become dermfast.kernels[.*]; it must never be found as top-level `kernels`.
-KERNEL_PACKAGES = ["dermfast.kernels", *(f"dermfast.kernels.{p}" for p in find_packages("kernels"))]
+# kernels/ holds the Triton sources and has no __init__.py, so from the repository root it is at most a namespace
+# portion named `kernels`, which Python ranks below any regular package of that name (Hugging Face's `kernels`,
+# which transformers imports). dermfast/kernels is a symlink to it, so the sources import as the namespace
+# subpackage dermfast.kernels in a source checkout, an editable install and a wheel alike (build_py follows it).
+KERNEL_PACKAGES = ["dermfast.kernels"]
 PACKAGES = find_packages(include=["dermfast", "dermfast.*"]) + KERNEL_PACKAGES
 
 if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import it for the helpers
@@ -211,7 +215,6 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
         packages=PACKAGES,
-        package_dir={"dermfast.kernels": "kernels"},
         ext_modules=[CMakeExtension(EXT_NAME)],
         cmdclass={"build_ext": CMakeBuildExt},
         install_requires=[
@@ -233,7 +236,9 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
             "isic2024": ["h5py>=3"],  # the ISIC 2024 (SLICE-3D) HDF5 of JPEG bytes
             # metrics, the HTML report, ONNX export + parity (onnxscript: torch.onnx's dynamo exporter)
             "eval": ["scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.2"],
-            "test": ["pytest>=7", "numba>=0.58", "h5py>=3", "scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15",
+            # kernels: Hugging Face's package of that name (transformers imports it); installed so that the test
+            # that nothing at the repository root shadows it always runs
+            "test": ["pytest>=7", "numba>=0.58", "kernels", "h5py>=3", "scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15",
                      "onnxruntime>=1.17"],
         },
         zip_safe=False,

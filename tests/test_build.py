@@ -51,24 +51,25 @@ def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def test_kernels_imports_as_subpackage():
     _distribution()
     import dermfast.kernels
+    import dermfast.kernels.kd_loss
 
     assert dermfast.kernels.__name__ == "dermfast.kernels"
-    init = Path(dermfast.kernels.__file__).resolve()
-    assert init.name == "__init__.py"
-    # editable install: the repo's kernels/ itself; wheel install: site-packages/dermfast/kernels/
-    import dermfast
-
-    assert init.parent.name == "kernels"
-    assert init.parent.parent.name == "dermfast" or _same(init.parent, Path(dermfast.__file__).parent.parent / "kernels")
+    # a namespace package (kernels/ has no __init__.py): editable install and source checkout reach the repo's
+    # kernels/ through the dermfast/kernels symlink; a wheel has the files in site-packages/dermfast/kernels/
+    locations = [Path(p) for p in dermfast.kernels.__path__]
+    assert len(locations) == 1 and locations[0].name == "kernels", locations
+    assert locations[0].parent.name == "dermfast", locations
+    source = Path(dermfast.kernels.kd_loss.__file__)
+    assert source.parent == locations[0] and source.is_file()
 
 
 def test_fresh_interpreter_outside_repo_sees_no_top_level_kernels(tmp_path):
     _distribution()
     code = (
-        "import importlib.util, json, dermfast, dermfast.kernels\n"
+        "import importlib.util, json, dermfast, dermfast.kernels.kd_loss\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "print(json.dumps({'kernels': None if spec is None else (spec.origin or str(list(spec.submodule_search_locations or []))),"
-        " 'dermfast': dermfast.__file__, 'dermfast.kernels': dermfast.kernels.__file__}))\n"
+        " 'dermfast': dermfast.__file__, 'dermfast.kernels': dermfast.kernels.kd_loss.__file__}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # test the install, not a path hack
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -76,7 +77,7 @@ def test_fresh_interpreter_outside_repo_sees_no_top_level_kernels(tmp_path):
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(found["dermfast.kernels"]).parent.name == "kernels", found
-    if found["kernels"] is not None:  # some unrelated `kernels` distribution may exist; ours must not be it
+    if found["kernels"] is not None:  # Hugging Face's `kernels` (transformers depends on it); ours must not be it
         assert str(REPO / "kernels") not in found["kernels"], f"top-level `kernels` resolves into this repo: {found}"
 
 
@@ -90,39 +91,111 @@ def test_distribution_ships_no_top_level_kernels():
     for f in files:
         located = Path(str(dist.locate_file(f)))
         if f.suffix == ".pth" and located.is_file():
-            # a path-entry .pth pointing at a directory that contains kernels/ would expose it top-level
+            # a path-entry .pth pointing at the repository root would expose everything at the root top-level
             for line in located.read_text().splitlines():
                 line = line.strip()
                 if line and not line.startswith(("#", "import ")):
-                    assert not (Path(line) / "kernels" / "__init__.py").is_file(), f"{f} puts {line} on sys.path"
+                    assert not _same(line, REPO), f"{f} puts the repository root on sys.path"
         if f.name.startswith("__editable__") and f.name.endswith("_finder.py") and located.is_file():
-            mapping = _finder_mapping(located)
-            assert "kernels" not in mapping, mapping
-            assert "dermfast.kernels" in mapping, mapping
-            assert Path(mapping["dermfast.kernels"]).name == "kernels"
-            assert _same(Path(mapping["dermfast.kernels"]).parent, Path(mapping["dermfast"]).parent), mapping
+            mapping = _finder_literal(located, "MAPPING")
+            assert set(mapping) == {"dermfast"}, mapping
+            namespaces = _finder_literal(located, "NAMESPACES")
+            assert "kernels" not in namespaces, namespaces
 
 
-def _finder_mapping(path: Path) -> dict[str, str]:
-    """The MAPPING literal of setuptools' editable finder module (top-level package -> source dir)."""
+def _finder_literal(path: Path, name: str) -> dict:
+    """A module-level dict literal (MAPPING: top-level package -> source dir; NAMESPACES) of setuptools' editable
+    finder module."""
     for node in ast.parse(path.read_text()).body:
         target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
-        if isinstance(target, ast.Name) and target.id == "MAPPING" and node.value is not None:
+        if isinstance(target, ast.Name) and target.id == name and node.value is not None:
             return ast.literal_eval(node.value)
-    pytest.fail(f"no MAPPING in {path}")
+    pytest.fail(f"no {name} in {path}")
 
 
 def test_every_package_dir_has_init():
     # find_packages() skips directories without __init__.py, so their modules would be missing from wheels
-    # (an editable install hides this: there they still import as namespace packages).
+    # (an editable install hides this: there they still import as namespace packages). kernels/ is the one
+    # deliberate namespace package (test_kernels_dir_is_no_regular_package).
     missing = []
-    for top in (REPO / "dermfast", REPO / "kernels"):
-        for d in [top, *(p for p in top.rglob("*") if p.is_dir())]:
-            if "__pycache__" in d.parts or any(part.startswith(".") for part in d.relative_to(REPO).parts):
-                continue
-            if any(d.glob("*.py")) and not (d / "__init__.py").is_file():
-                missing.append(str(d.relative_to(REPO)))
+    top = REPO / "dermfast"
+    for d in [top, *(p for p in top.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        if "__pycache__" in d.parts or any(part.startswith(".") for part in d.relative_to(REPO).parts):
+            continue
+        if d.resolve().parent != d.parent.resolve() or (REPO / "kernels") in d.resolve().parents:
+            continue  # reached through the kernels symlink
+        if any(d.glob("*.py")) and not (d / "__init__.py").is_file():
+            missing.append(str(d.relative_to(REPO)))
     assert not missing, f"add __init__.py to: {missing}"
+
+
+# --------------------------------------------------------------------------- nothing at the root shadows a dependency
+
+
+def test_kernels_dir_is_no_regular_package():
+    # A regular package (a directory with __init__.py) at the repository root is imported by `python -m ...` run
+    # from the root before anything in site-packages: kernels/__init__.py hid Hugging Face's `kernels`, which
+    # transformers imports, and broke every synthesis stage (issue 16). Without __init__.py the directory is
+    # at most a namespace portion, which Python ranks below any regular package or module of the same name.
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    assert not [p for p in (REPO / "kernels").rglob("__init__.py")]
+    link = REPO / "dermfast" / "kernels"
+    assert link.is_symlink() and link.resolve() == (REPO / "kernels").resolve()
+
+
+def _root_import_names() -> dict[str, Path]:
+    """Top-level names that `python -m` from the repository root could import from the root itself."""
+    names = {}
+    for p in REPO.iterdir():
+        if p.name.startswith(".") or p.name == "dermfast":
+            continue
+        if p.is_dir() and (p / "__init__.py").is_file():
+            names[p.name] = p
+        elif p.is_file() and p.suffix in (".py", ".so", ".pyd"):
+            names[p.name.split(".")[0]] = p
+    return names
+
+
+def test_repository_root_shadows_no_installed_package():
+    provided = importlib.metadata.packages_distributions()  # top-level import name -> distributions
+    clashes = {name: (str(path.relative_to(REPO)), provided[name]) for name, path in _root_import_names().items()
+               if name in provided and set(provided[name]) - {"dermfast"}}
+    assert not clashes, f"these files at the repository root hide installed packages: {clashes}"
+
+
+def _run_from_root(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 300):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_from_repository_root_hf_kernels_and_diffusers_peft_import():
+    # The README runs every command from the repository root, so the root is sys.path[0]. transformers 5.25
+    # (through diffusers' peft integration) does `from kernels import CUDAProperties`.
+    pytest.importorskip("kernels")
+    pytest.importorskip("diffusers")
+    code = ("import json, kernels, dermfast.kernels.kd_loss, diffusers.loaders.peft\n"
+            "from kernels import CUDAProperties\n"
+            "print(json.dumps({'kernels': kernels.__file__, 'ours': dermfast.kernels.kd_loss.__file__}))\n")
+    proc = _run_from_root(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["kernels"] and not _same(Path(found["kernels"]).parent, REPO / "kernels"), found
+    assert Path(found["ours"]).parent.name == "kernels", found
+
+
+@pytest.mark.slow
+def test_stage_synth_runs_from_repository_root(tmp_path):
+    pytest.importorskip("kernels")
+    pytest.importorskip("diffusers")
+    out = tmp_path / "synth"
+    proc = _run_from_root(["-m", "dermfast.train", "--stage", "synth", "--max-steps", "2", "--vae-steps", "1",
+                           "--toy-images", "112", "--toy-image-size", "32", "--img-size", "16", "--batch-size", "8",
+                           "--loader", "torch", "--workers", "0", "--no-progress", "--sample-steps", "2",
+                           "--grid-per-class", "1", "--out", str(out)],
+                          env_extra={"DERMFAST_CACHE": str(tmp_path / "cache")}, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
 # --------------------------------------------------------------------------- build configuration
@@ -171,7 +244,7 @@ def test_find_nvcc_prefers_cuda_home(setup_module_, tmp_path):
 
 
 def test_setup_packages_map_kernels_under_dermfast(setup_module_):
-    assert "dermfast.kernels" in setup_module_.PACKAGES
+    assert "dermfast.kernels" in setup_module_.PACKAGES  # a namespace package: find_packages() cannot see it
     assert not [p for p in setup_module_.PACKAGES if p == "kernels" or p.startswith("kernels.")]
 
 
