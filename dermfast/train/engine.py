@@ -10,8 +10,12 @@ owns the rest:
 - the run folder: refuses to overwrite another run, run.json (status), config.yaml (resolved), log.csv,
   eval.csv, TensorBoard, plots.png, checkpoints (checkpoint.py) every --checkpoint-every steps and at epoch
   ends, exact resume (--resume PATH | auto), SIGTERM / Ctrl-C: finish the step, checkpoint, exit 143 / 130.
-Host syncs: one small flag read per optimiser step (skip / stop decisions, the same on every rank) and the
-loss at log points; nothing per micro-step.
+Host syncs: none in a steady-state step. A non-finite loss or gradient is decided on the device and skips the
+step inside torch's fused AdamW (its `found_inf` input, as GradScaler uses it); the skip / bad-in-row counters
+live on the device and are read at check points (every min(--log-every, --max-bad-steps, 10) steps, log points,
+checkpoints), where ranks also agree on a stop signal (one process reads its own signal flag every step, for
+free). Two cases read the skip flag every step, and say so at the start: an optimiser without `found_inf`
+(apex FusedAdam) and a stage with an `after_step` hook (it runs after applied steps only).
 """
 from __future__ import annotations
 
@@ -118,7 +122,10 @@ class _Trainer:
         self.stage, self.cfg, self.run_dir, self.world, self.argv = stage, cfg, run_dir, world, argv
         self.r = Run(cfg, run_dir, device, world, workers, threads, bf16)
         self.started = self.claimed = False
-        self.skipped = self.bad_in_row = 0
+        self.skipped = self.bad_in_row = 0  # host copies, as of the last check point
+        # device truth: [steps skipped so far, non-finite steps in a row]
+        self.counters = torch.zeros(2, device=device)
+        self.agree_every = max(1, min(cfg.log_every, cfg.max_bad_steps, 10))
         self.samples_in_epoch = 0
         self.best: float | None = None
         self.log = self.eval_log = self.tb = None
@@ -205,7 +212,12 @@ class _Trainer:
             if self.tb.reason:
                 r.log(f"logs: {self.tb.reason}; CSV only")
         self.running = torch.zeros((), device=r.device)
-        self.n_running = 0
+        self.n_running = torch.zeros((), device=r.device)
+        self.device_skip = isinstance(self.opt, torch.optim.AdamW) and bool(self.opt.defaults.get("fused"))
+        self.host_skip_reason = ("the optimiser has no found_inf input" if not self.device_skip else
+                                 "the stage has an after_step hook" if self._has_after_step() else None)
+        if self.host_skip_reason:
+            r.log(f"note: one host sync per step ({self.host_skip_reason}): the non-finite check is read on the host")
         if resume_from is not None:
             self._load(resume_from)
         elif self.world.is_main:
@@ -304,70 +316,94 @@ class _Trainer:
             self._evaluate()
         return self._finish()
 
+    def _has_after_step(self) -> bool:
+        return type(self.stage).after_step is not Stage.after_step
+
     def _optimizer_step(self, loss: torch.Tensor, stop_requested: bool) -> bool:
-        """Clip, check, step. Returns whether every rank agreed to stop (a signal arrived on any)."""
+        """Clip, check, step. Returns whether to stop now (a signal arrived; across ranks: agreed at check points).
+        Makes no host sync unless self.host_skip_reason says why, or at check points."""
         cfg, r = self.cfg, self.r
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=r.device)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        params = [p for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else \
+            torch.zeros((), device=r.device)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor (each rank's partial norm): the global norm
             norm = norm.full_tensor()
-        flags = torch.stack([(~torch.isfinite(norm) | ~torch.isfinite(loss)).float(),
-                             torch.tensor(float(stop_requested), device=norm.device)])
-        bad, stop = (bool(v) for v in dist.all_reduce_(flags, "max").tolist())  # the one sync per step
-        if bad:
-            self.opt.zero_grad(set_to_none=True)
-            self.last_norm = norm
-            self.skipped += 1
-            self.bad_in_row += 1
-            r.step += 1
-            if self.bad_in_row >= cfg.max_bad_steps:
-                last = ckpt.list_checkpoints(self.run_dir)
-                keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                self._status("diverged")
-                raise TrainingError(
-                    f"{self.stage.name}: the loss or gradient was not finite for {self.bad_in_row} steps in a row "
-                    f"(steps {r.step - self.bad_in_row + 1}-{r.step}); stopped. {keep}. Lower --lr "
-                    f"(now {cfg.lr:.3g}) or set --clip-grad, then --resume it")
-            return stop
-        self.bad_in_row = 0
+        bad = (~torch.isfinite(norm) | ~torch.isfinite(loss)).float()
+        if self.world.distributed:  # the loss differs between ranks; a device collective, no host sync
+            bad = dist.all_reduce_(bad, "max")
         if cfg.clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, cfg.clip_grad, norm)
+            clip_grads_(params, cfg.clip_grad, norm)
         set_lr(self.opt, warmup_cosine(r.step, self.total, self.warmup, cfg.lr, cfg.min_lr))
-        self.opt.step()
+        applied = True
+        if self.host_skip_reason is None:
+            self.opt.found_inf = bad  # fused AdamW leaves every parameter and its state alone when this is 1
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+        else:
+            applied = not bool(bad)  # the host sync that host_skip_reason names
+            if applied:
+                self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.running += loss
-        self.n_running += 1
+        ok = 1.0 - bad
+        self.running += torch.where(bad > 0, torch.zeros_like(loss), loss)
+        self.n_running += ok
+        self.counters[0] += bad
+        self.counters[1] = (self.counters[1] + 1.0) * bad
         self.last_norm = norm
         r.step += 1
-        self.stage.after_step(r)
-        return stop
+        if applied:
+            self.stage.after_step(r)
+        checkpoint_due = bool(cfg.checkpoint_every) and r.step % cfg.checkpoint_every == 0
+        if r.step % self.agree_every == 0 or r.step >= self.total or checkpoint_due \
+                or r.step % cfg.log_every == 0:
+            return self._check_point(stop_requested)
+        return stop_requested and not self.world.distributed
+
+    def _check_point(self, stop_requested: bool) -> bool:
+        """The host reads of a check point: the skip counters (stop a diverged run) and, across ranks, whether any
+        rank got a signal. Returns whether to stop."""
+        cfg, r = self.cfg, self.r
+        flags = torch.cat([self.counters, torch.full((1,), float(stop_requested), device=self.counters.device)])
+        skipped, in_row, stop = dist.all_reduce_(flags, "max").tolist()
+        self.skipped, self.bad_in_row = int(skipped), int(in_row)
+        if self.bad_in_row >= cfg.max_bad_steps:
+            last = ckpt.list_checkpoints(self.run_dir)
+            keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            self._status("diverged")
+            raise TrainingError(
+                f"{self.stage.name}: the loss or gradient was not finite for {self.bad_in_row} steps in a row "
+                f"(steps {r.step - self.bad_in_row + 1}-{r.step}); stopped. {keep}. Lower --lr "
+                f"(now {cfg.lr:.3g}) or set --clip-grad, then --resume it")
+        return bool(stop)
 
     def _log_row(self, interval: dict, scalars: dict, bar) -> None:
         r = self.r
         now = time.perf_counter()
         dt = max(now - interval["t"], 1e-9)
-        vals = torch.stack([self.running / max(1, self.n_running),
+        vals = torch.stack([self.running / self.n_running.clamp(min=1), self.n_running,
                             getattr(self, "last_norm", torch.zeros((), device=r.device)).float()] +
                            [v.detach().float().reshape(()) for v in scalars.values()])
         vals = dist.all_reduce_(vals, "mean").tolist()  # the host sync of a log point
-        loss, norm = vals[0], vals[1]
+        loss, n_running, norm = vals[0], vals[1], vals[2]
         ips = interval["micro"] * r.batch_size * self.world.world_size / dt
         mem = ""
         if r.device.type == "cuda":
             mem = f"{torch.cuda.max_memory_allocated(r.device) / 2**30:.2f}"
             torch.cuda.reset_peak_memory_stats(r.device)
-        row = {"epoch": r.epoch, "step": r.step, "loss": f"{loss:.6g}" if self.n_running else "",
+        row = {"epoch": r.epoch, "step": r.step, "loss": f"{loss:.6g}" if n_running else "",
                "lr": f"{self.opt.param_groups[0]['lr']:.4g}", "grad_norm": f"{norm:.4g}",
                "images_per_s": f"{ips:.1f}", "data_wait": f"{interval['wait'] / dt:.3f}", "gpu_mem_gib": mem,
                "skipped": self.skipped, "elapsed_s": f"{time.perf_counter() - self.t0:.1f}"}
-        row.update({k: fmt(v) for k, v in zip(scalars, vals[2:])})
+        row.update({k: fmt(v) for k, v in zip(scalars, vals[3:])})
         if self.world.is_main:
             self.log.write(row)
             self.tb.scalars(r.step, {k: float(v) for k, v in row.items() if v not in ("",)}, prefix="train/")
             bar.set_postfix_str(f"loss {loss:.4f} | {ips:.0f} img/s | data wait {interval['wait'] / dt:.0%}"
                                 + (f" | skipped {self.skipped}" if self.skipped else ""))
         self.running.zero_()
-        self.n_running = 0
+        self.n_running.zero_()
         interval.update(t=now, wait=0.0, micro=0)
 
     def _evaluate(self) -> None:
@@ -435,8 +471,8 @@ class _Trainer:
         state = {"stage": self.stage.name, "step": r.step, "micro_step": r.micro_step,
                  "epoch": r.epoch if mid_epoch else r.epoch + 1, "mid_epoch": mid_epoch,
                  "samples_in_epoch": self.samples_in_epoch if mid_epoch else 0,
-                 "skipped": self.skipped, "bad_in_row": self.bad_in_row, "best": self.best,
-                 "running": [float(self.running), self.n_running], "world_size": self.world.world_size,
+                 "skipped": int(self.counters[0]), "bad_in_row": int(self.counters[1]), "best": self.best,
+                 "running": [float(self.running), int(self.n_running)], "world_size": self.world.world_size,
                  "per_rank": per_rank, "optimizer": optim_meta, "stage_extra": extra_meta,
                  "config": config_dict(self.cfg), "finished": False,
                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -461,8 +497,9 @@ class _Trainer:
         self.start_epoch = state["epoch"]
         self.samples_in_epoch = state["samples_in_epoch"]
         self.skipped, self.bad_in_row, self.best = state["skipped"], state["bad_in_row"], state["best"]
+        self.counters.copy_(torch.tensor([float(self.skipped), float(self.bad_in_row)]))
         self.running.fill_(state["running"][0])
-        self.n_running = state["running"][1]
+        self.n_running.fill_(state["running"][1])
         same_world = state["world_size"] == self.world.world_size
         if same_world:
             pr = state["per_rank"][self.world.rank]
@@ -535,6 +572,21 @@ class _Trainer:
         print(f"{self.stage.name}: done in {time.perf_counter() - self.t0:.0f} s; wrote {d}/"
               "{" + ", ".join(names) + "}")
         return d
+
+
+def clip_grads_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients of `params` in place by min(1, max_norm / (total_norm + 1e-6)), as
+    torch.nn.utils.clip_grad_norm_ does, with the global norm already computed (under FSDP2, over all shards).
+    Works on each DTensor's local shard (the coefficient is the same on every rank); no host sync."""
+    if not params:
+        return
+    coef = torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), grads in groups.items():
+        torch._foreach_mul_(grads, coef.to(device=device, dtype=dtype))
 
 
 def _gather(obj) -> list:
