@@ -12,8 +12,9 @@ owns the rest:
   ends, exact resume (--resume PATH | auto), SIGTERM / Ctrl-C: finish the step, checkpoint, exit 143 / 130.
 Host syncs: none in a steady-state step. A non-finite loss or gradient is decided on the device and skips the
 step inside torch's fused AdamW (its `found_inf` input, as GradScaler uses it); the skip / bad-in-row counters
-live on the device and are read at check points (every min(--log-every, --max-bad-steps, 10) steps, log points,
-checkpoints), where ranks also agree on a stop signal (one process reads its own signal flag every step, for
+live on the device and are read at check points (log points, checkpoints, the last step; so a diverged run
+stops at the first log point after --max-bad-steps bad steps in a row), where ranks also agree on a stop signal
+(under torchrun also every min(--log-every, 10) steps; one process reads its own signal flag every step, for
 free). Two cases read the skip flag every step, and say so at the start: an optimiser without `found_inf`
 (apex FusedAdam) and a stage with an `after_step` hook (it runs after applied steps only).
 """
@@ -125,7 +126,8 @@ class _Trainer:
         self.skipped = self.bad_in_row = 0  # host copies, as of the last check point
         # device truth: [steps skipped so far, non-finite steps in a row]
         self.counters = torch.zeros(2, device=device)
-        self.agree_every = max(1, min(cfg.log_every, cfg.max_bad_steps, 10))
+        # ranks agree on a stop signal at least this often (one process reads its own flag every step)
+        self.agree_every = max(1, min(cfg.log_every, 10))
         self.samples_in_epoch = 0
         self.best: float | None = None
         self.log = self.eval_log = self.tb = None
@@ -356,8 +358,8 @@ class _Trainer:
         if applied:
             self.stage.after_step(r)
         checkpoint_due = bool(cfg.checkpoint_every) and r.step % cfg.checkpoint_every == 0
-        if r.step % self.agree_every == 0 or r.step >= self.total or checkpoint_due \
-                or r.step % cfg.log_every == 0:
+        agree_due = self.world.distributed and r.step % self.agree_every == 0
+        if r.step % cfg.log_every == 0 or r.step >= self.total or checkpoint_due or agree_due:
             return self._check_point(stop_requested)
         return stop_requested and not self.world.distributed
 
