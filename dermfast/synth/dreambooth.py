@@ -7,7 +7,11 @@ dermoscopic image of a melanoma"). Optional DullRazor hair removal on every batc
 ops on the batch's device). Prior preservation (DreamBooth's class-prior images) is not implemented.
 
 Run folder: lora/pytorch_lora_weights.safetensors (diffusers LoRA format: `pipe.load_lora_weights(RUN/lora)`),
-prompts.json ({class: prompt}). checkpoint.safetensors holds the adapter tensors only.
+prompts.json ({class: prompt}). checkpoint.safetensors holds the adapter tensors only (peft names).
+The LoRA file carries the adapter config (rank, alpha, target modules) as safetensors metadata, the way diffusers'
+own examples/dreambooth/train_dreambooth_lora.py saves it (`unet_lora_adapter_metadata`): without it diffusers'
+loader assumes alpha = rank and applies the adapters at scale 1.0 instead of alpha / rank. Folders written before
+that (no metadata) are rewritten in place by `add_lora_metadata(RUN)` from the run's config.yaml.
 """
 from __future__ import annotations
 
@@ -25,6 +29,17 @@ from dermfast.train.stages import Parts, Stage, register_stage
 CLASS_NAMES = {"akiec": "actinic keratosis", "bcc": "basal cell carcinoma", "bkl": "benign keratosis",
                "df": "dermatofibroma", "mel": "melanoma", "nv": "melanocytic nevus", "vasc": "vascular lesion",
                "scc": "squamous cell carcinoma", "ak": "actinic keratosis"}
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet attention projections that get adapters
+LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+
+
+def lora_config(rank: int, alpha: float):
+    """The peft LoraConfig of the UNet adapters (training, and the metadata add_lora_metadata writes)."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
 
 
 def class_prompt(template: str, cls: str) -> str:
@@ -118,8 +133,6 @@ class DreamBoothStage(Stage):
         return 6.4e-3  # lr 1e-4 at batch 4 (LoRA's usual)
 
     def build(self, run) -> Parts:
-        from peft import LoraConfig
-
         from dermfast.data.augment import Augment
         cfg: DreamBoothConfig = run.cfg
         data = run.prepare_data()
@@ -130,8 +143,7 @@ class DreamBoothStage(Stage):
         vae, unet, te, tok = sd["vae"], sd["unet"], sd["text_encoder"], sd["tokenizer"]
         for m in (vae, unet, te):
             m.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        unet.add_adapter(lora_config(cfg.lora_rank, cfg.lora_alpha))
         self.prompts = {c: class_prompt(cfg.prompt, c) for c in self.classes}
         ids = tok([self.prompts[c] for c in self.classes], padding="max_length", truncation=True,
                   max_length=tok.model_max_length, return_tensors="pt").input_ids
@@ -174,7 +186,52 @@ class DreamBoothStage(Stage):
         if not run.is_main:
             return []
         out = run.run_dir / "lora"
-        StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=convert_state_dict_to_diffusers(
-            self.lora_state(run)), safe_serialization=True)
+        # the adapter config as metadata (diffusers.training_utils._collate_lora_metadata): carries alpha / rank
+        StableDiffusionPipeline.save_lora_weights(
+            str(out), unet_lora_layers=convert_state_dict_to_diffusers(self.lora_state(run)), safe_serialization=True,
+            unet_lora_adapter_metadata=run.raw_model.unet.peft_config["default"].to_dict())
         (run.run_dir / "prompts.json").write_text(json.dumps(self.prompts, indent=1))
-        return [out / "pytorch_lora_weights.safetensors", run.run_dir / "prompts.json"]
+        return [out / LORA_FILE, run.run_dir / "prompts.json"]
+
+
+def add_lora_metadata(run_dir: str | Path) -> Path:
+    """Give RUN/lora/pytorch_lora_weights.safetensors written before the adapter metadata was saved (diffusers
+    would load it at scale 1.0, not alpha / rank) the adapter config of its run (lora_rank, lora_alpha from
+    RUN/config.yaml), rewriting the file atomically; tensors unchanged. A file with metadata is left as it is.
+    Returns the file's path; ConfigError when the folder lacks the file or config, or they disagree on the rank."""
+    import os
+    import shutil
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dermfast.train.config import load_yaml
+    run_dir = Path(run_dir).expanduser()
+    path = run_dir / "lora" / LORA_FILE
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} does not exist (not a --stage dreambooth run folder?)")
+    with safe_open(str(path), framework="pt") as f:
+        if LORA_METADATA_KEY in (f.metadata() or {}):
+            return path
+    cfg = load_yaml(run_dir / "config.yaml")
+    if "lora_rank" not in cfg or "lora_alpha" not in cfg:
+        raise ConfigError(f"{str(run_dir / 'config.yaml')!r} has no lora_rank / lora_alpha: not a dreambooth run")
+    rank, alpha = int(cfg["lora_rank"]), float(cfg["lora_alpha"])
+    tensors = load_file(str(path))
+    prefix = StableDiffusionPipeline.unet_name + "."
+    if not tensors or not all(k.startswith(prefix) for k in tensors):
+        raise ConfigError(f"{str(path)!r}: expected UNet LoRA tensors only ({prefix}*)")
+    ranks = {v.shape[0] for k, v in tensors.items() if ".lora_A." in k or ".lora.down." in k}
+    if ranks != {rank}:
+        raise ConfigError(f"{str(path)!r}: adapter rank(s) {sorted(ranks)} but config.yaml says lora_rank {rank}")
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            str(tmp), unet_lora_layers={k[len(prefix):]: v for k, v in tensors.items()}, safe_serialization=True,
+            unet_lora_adapter_metadata=lora_config(rank, alpha).to_dict())
+        os.replace(tmp / LORA_FILE, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
