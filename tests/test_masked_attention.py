@@ -300,6 +300,40 @@ def test_value_check_remembered_and_redone_after_mutation():
         masked_attention(q, k, v, cu_seqlens=cu)
 
 
+
+def test_host_index_validates_without_reading_the_index_tensor(monkeypatch):
+    q, k, v = packed_qkv([3, 4], 1, 16, torch.float32)
+    qp, kp, vp = padded_qkv(2, 1, 5, 16, torch.float32)
+    want = masked_attention(q, k, v, cu_seqlens=cu_of([3, 4]))
+    want_p = masked_attention(qp, kp, vp, lengths=torch.tensor([5, 2]))
+
+    def no_read(self, *a, **kw):
+        raise AssertionError("the index tensor was read back to the host")
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_read)
+    torch.testing.assert_close(masked_attention(q, k, v, cu_seqlens=cu_of([3, 4]), host_index=(0, 3, 7)), want,
+                               atol=0, rtol=0)
+    torch.testing.assert_close(masked_attention(qp, kp, vp, lengths=torch.tensor([5, 2]), host_index=[5, 2]),
+                               want_p, atol=0, rtol=0)
+    # the host values are validated like the tensor's would be
+    with pytest.raises(ValueError, match="non-decreasing"):
+        masked_attention(q, k, v, cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32), host_index=[0, 5, 3, 7])
+    with pytest.raises(ValueError, match="max_seqlen"):
+        masked_attention(q, k, v, cu_seqlens=cu_of([3, 4]), max_seqlen=3, host_index=[0, 3, 7])
+    with pytest.raises(ValueError, match=r"lengths\[1\]=6"):
+        masked_attention(qp, kp, vp, lengths=torch.tensor([5, 6]), host_index=[5, 6])
+    with pytest.raises(ValueError, match="host_index has 2 values but cu_seqlens has 3"):
+        masked_attention(q, k, v, cu_seqlens=cu_of([3, 4]), host_index=[0, 7])
+    with pytest.raises(ValueError, match="list or tuple of ints"):
+        masked_attention(q, k, v, cu_seqlens=cu_of([3, 4]), host_index=torch.tensor([0, 3, 7]))
+    with pytest.raises(ValueError, match="neither was passed"):
+        masked_attention(qp, kp, vp, host_index=[5, 2])
+    monkeypatch.undo()
+    # host values that disagree with the device tensor: an error (asynchronous on CUDA), never a silent result
+    with pytest.raises(RuntimeError, match="differs from the host_index"):
+        masked_attention(q, k, v, cu_seqlens=cu_of([3, 4]), host_index=[0, 4, 7])
+
+
 def test_automatic_dispatch_falls_back_with_reasons():
     op = mao.masked_attention_fwd_op
     assert op.select(Query(torch.device("cpu"), torch.float16, {"D": 80})).backend == "torch"  # no CPU triton

@@ -10,20 +10,27 @@ takes ragged input:
     attn(x, lengths=lengths)                 x [B, N, C] padded; rows >= lengths[b] attend nowhere (their
                                              attention output is 0, so the module returns proj.bias there)
     attn(x, cu_seqlens=cu, max_seqlen=m)     x [T, C] or [1, T, C] packed visible tokens of B images
+    attn(x, attn_mask=RaggedLayout(...))     either ragged form, handed over as one object (what a Block passes)
 
-What the op does not do is delegated to timm's own forward, unchanged: an arbitrary `attn_mask`, `is_causal`,
-and attention-weight dropout while training (attn_drop.p > 0). Combining those with lengths / cu_seqlens is an
-error, never a silent change of semantics.
+What the op does not do is delegated to timm's own forward, unchanged: an arbitrary `attn_mask` tensor,
+`is_causal`, and attention-weight dropout while training (attn_drop.p > 0). Combining those with lengths /
+cu_seqlens is an error, never a silent change of semantics.
 
-`block_forward(block, x, cu_seqlens=...)` runs a timm ViT Block on packed tokens (timm's Block.forward cannot pass
-cu_seqlens to its attention).
+Ragged input through whole blocks: timm's `Block.forward(x, attn_mask)` hands `attn_mask` to its attention
+unchanged, so a `RaggedLayout` passed as `block(x, attn_mask=layout)` reaches the MaskedAttention inside while
+the block is called through its module: whatever wraps the block runs (activation checkpointing's
+`checkpoint_wrapper`, which recomputes the call with the same arguments in backward; FSDP2's per-block
+all-gather hooks; forward hooks). `block_forward(block, x, cu_seqlens=...)` does exactly that and checks that
+the layout arrived. Calling `block.norm1`, `block.attn`, ... one by one instead would skip every wrapper
+silently.
 
 This module imports timm; `import dermfast` does not (dermfast.patch_timm / dermfast.models.MaskedAttention
 are resolved lazily).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 from timm.layers import Attention
@@ -42,6 +49,46 @@ def _autocast(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return q, k, v
 
 
+@dataclass(eq=False)
+class RaggedLayout:
+    """How a ragged batch is laid out, handed to `MaskedAttention` (directly or through a Block) as `attn_mask`.
+
+    cu_seqlens: int32 [B+1] on the tokens' device (packed x [T, C]); or lengths: int [B] (padded x [B, N, C]).
+    max_seqlen: the longest segment (packed; spares the torch backend a device read).
+    host: the values of cu_seqlens (or lengths) as a tuple of host ints: validation reads these instead of the
+        device tensor, so a step makes no host sync (`masked_attention(host_index=...)`).
+    uses: how many attention calls consumed this layout (`block_forward` checks it moved).
+
+    Build it from host counts with `RaggedLayout.packed(seqlens, device)` / `RaggedLayout.padded(lengths, device)`.
+    """
+
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: Optional[int] = None
+    lengths: Optional[torch.Tensor] = None
+    host: Optional[tuple[int, ...]] = None
+    uses: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        if (self.cu_seqlens is None) == (self.lengths is None):
+            raise ValueError("RaggedLayout: give cu_seqlens (packed tokens) or lengths (padded), exactly one")
+
+    @classmethod
+    def packed(cls, seqlens: Sequence[int], device) -> "RaggedLayout":
+        """Packed layout of segments of `seqlens` host ints: cu_seqlens int32 [B+1] copied to `device` (a
+        host-to-device copy, nothing read back), max_seqlen and host values from the ints."""
+        cu = [0]
+        for n in seqlens:
+            cu.append(cu[-1] + int(n))
+        t = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+        return cls(cu_seqlens=t, max_seqlen=max(seqlens, default=0), host=tuple(cu))
+
+    @classmethod
+    def padded(cls, lengths: Sequence[int], device) -> "RaggedLayout":
+        """Padded layout: lengths int32 [B] copied to `device`, host values from the ints."""
+        host = tuple(int(n) for n in lengths)
+        return cls(lengths=torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True), host=host)
+
+
 class MaskedAttention(Attention):
     """timm `Attention` computed by `dermfast.ops.masked_attention` (dense, padded with lengths, or packed).
 
@@ -53,6 +100,15 @@ class MaskedAttention(Attention):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        host = None
+        if isinstance(attn_mask, RaggedLayout):
+            if cu_seqlens is not None or lengths is not None or max_seqlen is not None:
+                raise ValueError("MaskedAttention: pass a RaggedLayout or cu_seqlens / max_seqlen / lengths, "
+                                 "not both")
+            layout, attn_mask = attn_mask, None
+            layout.uses += 1
+            cu_seqlens, max_seqlen, lengths, host = (layout.cu_seqlens, layout.max_seqlen, layout.lengths,
+                                                     layout.host)
         ragged = cu_seqlens is not None or lengths is not None
         dropout = self.training and self.attn_drop.p > 0
         if attn_mask is not None or is_causal or dropout:
@@ -75,13 +131,14 @@ class MaskedAttention(Attention):
             q, k, v = self.qkv(tokens).reshape(T, 3, H, Dh).unbind(1)  # [T, H, Dh] strided views
             q, k, v = _autocast(x, self.q_norm(q), self.k_norm(k), v)
             o = masked_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=self.scale,
-                                 backend=self.backend)
+                                 backend=self.backend, host_index=host)
             o = o.reshape(*x.shape[:-1], attn_dim)
         else:
             B, N, _ = x.shape
             q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh]
             q, k, v = _autocast(x, self.q_norm(q), self.k_norm(k), v)
-            o = masked_attention(q, k, v, lengths=lengths, scale=self.scale, backend=self.backend)
+            o = masked_attention(q, k, v, lengths=lengths, scale=self.scale, backend=self.backend,
+                                 host_index=host)
             o = o.transpose(1, 2).reshape(B, N, attn_dim)
         norm = getattr(self, "norm", None)
         if norm is not None:
@@ -112,15 +169,25 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
-                  max_seqlen: Optional[int] = None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Run a timm ViT `Block` (norm1 / attn / ls1 / drop_path1 / norm2 / mlp / ls2 / drop_path2) whose attn is
-    a MaskedAttention on ragged input: packed x [T, C] with cu_seqlens, or padded x [B, N, C] with lengths.
+                  max_seqlen: Optional[int] = None, lengths: Optional[torch.Tensor] = None,
+                  layout: Optional[RaggedLayout] = None) -> torch.Tensor:
+    """Run a timm ViT `Block` whose attn is a MaskedAttention on ragged input: packed x [T, C] with cu_seqlens,
+    or padded x [B, N, C] with lengths (or a prepared `layout`, which also carries the host values).
 
-    timm's Block.forward has no way to pass cu_seqlens to its attention; everything else in a Block works
-    per token, so packed tokens go through it unchanged.
+    The block is called through its module, `block(x, attn_mask=layout)`, so checkpoint wrappers, FSDP2 hooks
+    and forward hooks run; timm's Block.forward hands attn_mask to its attention, and everything else in a
+    Block works per token, so packed tokens go through it unchanged. Raises ValueError if the block's
+    attention is not a MaskedAttention, or if the block's forward did not hand the layout to it.
     """
-    if not isinstance(block.attn, MaskedAttention):
+    if not isinstance(getattr(block, "attn", None), MaskedAttention):
         raise ValueError("block_forward: block.attn is not a MaskedAttention (call dermfast.patch_timm first)")
-    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                                  lengths=lengths)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    if layout is None:
+        layout = RaggedLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, lengths=lengths)
+    elif cu_seqlens is not None or max_seqlen is not None or lengths is not None:
+        raise ValueError("block_forward: pass layout or cu_seqlens / max_seqlen / lengths, not both")
+    before = layout.uses
+    out = block(x, attn_mask=layout)
+    if layout.uses == before:
+        raise ValueError(f"block_forward: {type(block).__name__}.forward did not hand attn_mask to its "
+                         f"attention, so the ragged layout never reached it")
+    return out

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dermfast.ops import mae_loss, masked_patch_embed, random_masking, random_masking_indices
-from dermfast.ops.random_masking_op import hash32_int, keep_counts, step_key
+from dermfast.ops.random_masking_op import hash32_int, keep_count, step_key
 
 _RATIO_SALT = 0x5BD1E995  # separates the ratio stream from the masking noise of the same (seed, step)
 
@@ -30,6 +30,12 @@ def ragged_mask_ratios(batch: int, lo: float, hi: float, seed: int, step: int,
     h = hash32_int(step_key(seed, step) ^ _RATIO_SALT)
     u = [hash32_int(h ^ ((sample_offset + b) & 0xFFFFFFFF)) / 2.0 ** 32 for b in range(batch)]
     return torch.tensor([min(lo + (hi - lo) * x, hi) for x in u], dtype=torch.float64)
+
+
+def _host_keep_counts(num_patches: int, ratios: torch.Tensor) -> list[int]:
+    """Per-sample keep counts K_b as host ints, the arithmetic of `keep_count` (and so of the masking op's
+    `keep_counts`). `ratios` is a CPU tensor by design: reading it is no device sync."""
+    return [keep_count(num_patches, r) for r in ratios.tolist()]
 
 
 @dataclass(frozen=True)
@@ -211,8 +217,12 @@ class MaskedAutoencoderViT(nn.Module):
                                sample_offset: int = 0):
         """Packed encoder. ratios: CPU [B] per-sample mask ratios. Returns (latent [T + B, D] packed, sample b's
         rows cu[b]:cu[b+1] = its cls token then its K_b visible tokens in shuffle order; cu int32 [B+1] on the
-        device; mask [B, L] float32; ids_restore [B, L])."""
-        from dermfast.models.attention import block_forward
+        device; mask [B, L] float32; ids_restore [B, L]).
+
+        Every block is called through its module with the packed layout (`block_forward`), so activation
+        checkpointing and FSDP wrappers run. The layout is built on the host from the keep counts and copied
+        to the device; nothing is read back (the attention validates from the host values)."""
+        from dermfast.models.attention import RaggedLayout, block_forward
         if not self.ragged:
             raise ValueError("MaskedAutoencoderViT: ragged masking needs a model built with ragged=True")
         if ratios.device.type != "cpu" or ratios.shape != (imgs.shape[0],):
@@ -224,21 +234,20 @@ class MaskedAutoencoderViT(nn.Module):
                            sample_offset=sample_offset)
         # Host-side layout (ratios live on the CPU): segment b = [cls, K_b visible tokens]. Index tensors go to
         # the device as plain host-to-device copies; nothing is read back.
-        k = keep_counts(self.num_patches, ratios)  # CPU int64 [B]
-        T = int(k.sum())
-        cu = torch.zeros(B + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(k + 1, 0)
-        seg = torch.repeat_interleave(torch.arange(B), k + 1)  # segment of each packed row
+        ks = _host_keep_counts(self.num_patches, ratios)
+        layout = RaggedLayout.packed([kb + 1 for kb in ks], dev)
+        T = sum(ks)
+        k = torch.tensor(ks, dtype=torch.int64)
+        cu = torch.tensor(layout.host, dtype=torch.int64)
+        seg = torch.repeat_interleave(torch.arange(B), k + 1, output_size=T + B)  # segment of each packed row
         rank = torch.arange(T + B) - cu[:-1][seg]  # 0 = cls, j = visible token j - 1
         vis_start = cu[:-1] - torch.arange(B)  # first visible row of sample b in m.visible
         src_idx = torch.where(rank == 0, 0, 1 + vis_start[seg] + rank - 1)  # into cat([cls, visible])
         src = torch.cat([self.cls_token.reshape(1, -1).to(m.visible.dtype), m.visible], dim=0)
         x = src[src_idx.to(dev, non_blocking=True)]
-        cu_dev = cu.to(torch.int32).to(dev, non_blocking=True)
-        max_seqlen = int(k.max()) + 1 if B else 1
         for blk in self.blocks:
-            x = block_forward(blk, x, cu_seqlens=cu_dev, max_seqlen=max_seqlen)
-        return self.norm(x), cu_dev, m.mask, m.ids_restore
+            x = block_forward(blk, x, layout=layout)
+        return self.norm(x), layout.cu_seqlens, m.mask, m.ids_restore
 
     def forward_decoder_ragged(self, latent: torch.Tensor, cu: torch.Tensor, ids_restore: torch.Tensor
                                ) -> torch.Tensor:
@@ -262,10 +271,24 @@ class MaskedAutoencoderViT(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:].contiguous()
 
     def forward(self, imgs: torch.Tensor, seed: int = 0, step: int = 0, mask_ratio: float | None = None,
-                sample_offset: int = 0, mask_ratio_range: tuple[float, float] | None = None):
+                sample_offset: int = 0, mask_ratio_range: tuple[float, float] | None = None,
+                dp_batch: int | None = None):
         """`sample_offset`: global index of this batch's first sample (rank * per-rank batch under DDP), so
         every rank draws different masks. `mask_ratio_range=(lo, hi)`: ragged batch, one ratio per sample
-        (needs `ragged=True`); the returned mask [B, L] then has a different number of ones per row."""
+        (needs `ragged=True`); the returned mask [B, L] then has a different number of ones per row.
+
+        `dp_batch`: the data-parallel batch this batch is one equal slice of (world size x B: the samples
+        0 .. dp_batch - 1 of the key (seed, step), this one at sample_offset). With ragged masks the ranks
+        remove different numbers of patches, so the mean of the ranks' losses (what DDP / FSDP gradient
+        averaging takes) is not the loss over all removed patches of the data-parallel batch; given dp_batch,
+        the loss is scaled by this batch's removed count / the mean removed count per slice (host ints from
+        the keys, no communication, no sync), which makes it so. None: this batch is the whole batch.
+        Fixed-ratio batches remove the same count on every rank and need no scaling."""
+        if dp_batch is not None:
+            B = imgs.shape[0]
+            if not isinstance(dp_batch, int) or B < 1 or dp_batch % B or not 0 <= sample_offset <= dp_batch - B:
+                raise ValueError(f"dp_batch={dp_batch!r} must be a multiple of the batch ({B}) that holds "
+                                 f"samples sample_offset={sample_offset} .. {sample_offset + B - 1}")
         if mask_ratio_range is not None:
             ratios = ragged_mask_ratios(imgs.shape[0], *mask_ratio_range, seed, step, sample_offset)
             latent, cu, mask, ids_restore = self.forward_encoder_ragged(imgs, ratios, seed, step, sample_offset)
@@ -274,7 +297,21 @@ class MaskedAutoencoderViT(nn.Module):
             latent, mask, ids_restore = self.forward_encoder(imgs, seed, step, mask_ratio, sample_offset)
             pred = self.forward_decoder(latent, ids_restore)
         loss = mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss)
+        if mask_ratio_range is not None and dp_batch is not None and dp_batch != imgs.shape[0]:
+            loss = loss * self._dp_loss_scale(imgs.shape[0], mask_ratio_range, seed, step, sample_offset, dp_batch)
         return loss, pred, mask
+
+    def _dp_loss_scale(self, batch: int, mask_ratio_range: tuple[float, float], seed: int, step: int,
+                       sample_offset: int, dp_batch: int) -> float:
+        """removed(this slice) * (dp_batch / batch) / removed(dp batch): rank r's loss S_r / n_r times this is
+        S_r * W / N, and the mean over W ranks is sum_r S_r / N, the loss over every removed patch."""
+        L = self.num_patches
+        ratios = ragged_mask_ratios(dp_batch, *mask_ratio_range, seed, step)
+        removed = [L - k for k in _host_keep_counts(L, ratios)]
+        total = sum(removed)
+        if total == 0:  # nothing removed anywhere: every loss is 0
+            return 1.0
+        return sum(removed[sample_offset:sample_offset + batch]) * (dp_batch // batch) / total
 
 
 def mae_from_preset(name: str, ragged: bool = False, **overrides) -> MaskedAutoencoderViT:

@@ -20,19 +20,22 @@ op `dermfast::masked_attention_bwd`, with one fake implementation each, so torch
 The backend is chosen inside the op body at run time.
 
 Validation happens in Python before any launch: shapes, dtypes, devices, and the index values (cu_seqlens
-starts at 0, never decreases, ends at T; 0 <= lengths <= N; max_seqlen not below the longest segment). The
-value check copies cu_seqlens / lengths to the host once per tensor version (a sync the first time a given
-index tensor is seen, then remembered on the tensor, so 32 layers sharing one cu_seqlens sync once); it is
-skipped while torch.compile traces. The kernels clamp every index, so unchecked input cannot reach out of
-bounds either.
+starts at 0, never decreases, ends at T; 0 <= lengths <= N; max_seqlen not below the longest segment). A caller
+that built the index tensor from host values (a training step always does: the keep counts are host ints)
+passes them as `host_index`; the values are then checked on the host with no device read, and the device
+tensor is compared with them by `torch._assert_async` (no sync on CUDA: a mismatch fails at a later CUDA call
+as a device-side assert, never as a silent wrong result). Without `host_index` the tensor is copied to the host
+(one sync). Either way the check runs once per tensor version (remembered on the tensor, so 32 layers sharing
+one cu_seqlens check it once), and it is skipped while torch.compile traces. The kernels clamp every index, so
+unchecked input cannot reach out of bounds either.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
+from dermfast.ops._device import on_device
 from dermfast.ops.registry import Query, all_of, define_op, dtype_in, needs_triton_device
 
 _CHECKED_ATTR = "_dermfast_masked_attention_checked"
@@ -72,10 +75,46 @@ def _mark_checked(t: torch.Tensor, key: tuple) -> None:
     setattr(t, _CHECKED_ATTR, (t._version, *key))
 
 
+def _host_values(name: str, t: torch.Tensor, host_index) -> list[int]:
+    """The values of index tensor t on the host: `host_index` when the caller holds them (checked against t on
+    the device without a sync), else t copied to the host (one sync)."""
+    if host_index is None:
+        return t.tolist()
+    if not isinstance(host_index, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in host_index):
+        raise ValueError(f"masked_attention: host_index must be a list or tuple of ints (the values of {name}), "
+                         f"got {type(host_index).__name__}")
+    if len(host_index) != t.numel():
+        raise ValueError(f"masked_attention: host_index has {len(host_index)} values but {name} has {t.numel()}")
+    host = torch.tensor(host_index, dtype=t.dtype)
+    # Device-side comparison: no host sync on CUDA (a mismatch raises at a later CUDA call); a plain check on CPU.
+    torch._assert_async((t == host.to(t.device, non_blocking=True)).all(),
+                        f"masked_attention: {name} on the device differs from the host_index passed with it")
+    return list(host_index)
+
+
+def _check_cu_values(cu: list[int], T: int, max_seqlen: int | None) -> None:
+    if cu[0] != 0:
+        raise ValueError(f"masked_attention: cu_seqlens must start at 0, got {cu[0]}")
+    steps = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    bad = next((i for i, s in enumerate(steps) if s < 0), None)
+    if bad is not None:
+        raise ValueError(f"masked_attention: cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}]="
+                         f"{cu[bad + 1]} < cu_seqlens[{bad}]={cu[bad]}")
+    if cu[-1] != T:
+        raise ValueError(f"masked_attention: cu_seqlens must end at T = q.shape[0] = {T}, got {cu[-1]}")
+    if max_seqlen is not None and max(steps) > max_seqlen:
+        raise ValueError(f"masked_attention: max_seqlen={max_seqlen} is below the longest segment "
+                         f"({max(steps)})")
+
+
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
              max_seqlen: int | None = None, lengths: torch.Tensor | None = None, scale: float | None = None,
-             check_values: bool = True) -> str:
-    """Raise ValueError with a clear message on bad input; return the layout ('packed', 'padded', 'dense')."""
+             check_values: bool = True, host_index: Sequence[int] | None = None) -> str:
+    """Raise ValueError with a clear message on bad input; return the layout ('packed', 'padded', 'dense').
+
+    host_index: the values of cu_seqlens (or of lengths) as the caller holds them on the host; the value check
+    then reads these instead of the device tensor (see the module docstring)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"masked_attention: {name} must be a tensor, got {type(t).__name__}")
@@ -96,6 +135,9 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torc
     if cu_seqlens is not None and lengths is not None:
         raise ValueError("masked_attention: pass cu_seqlens (packed [T, H, Dh]) or lengths (padded "
                          "[B, H, N, Dh]), not both")
+    if host_index is not None and cu_seqlens is None and lengths is None:
+        raise ValueError("masked_attention: host_index is the host copy of cu_seqlens or lengths, but neither "
+                         "was passed")
     if q.dim() == 0 or q.shape[-1] < 1:
         raise ValueError(f"masked_attention: q must have a head dim, got shape {tuple(q.shape)}")
 
@@ -109,19 +151,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torc
         T = q.shape[0]
         key = (T, max_seqlen)
         if check_values and not _already_checked(cu_seqlens, key):
-            cu = cu_seqlens.tolist()
-            if cu[0] != 0:
-                raise ValueError(f"masked_attention: cu_seqlens must start at 0, got {cu[0]}")
-            steps = [b - a for a, b in zip(cu[:-1], cu[1:])]
-            bad = next((i for i, s in enumerate(steps) if s < 0), None)
-            if bad is not None:
-                raise ValueError(f"masked_attention: cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}]="
-                                 f"{cu[bad + 1]} < cu_seqlens[{bad}]={cu[bad]}")
-            if cu[-1] != T:
-                raise ValueError(f"masked_attention: cu_seqlens must end at T = q.shape[0] = {T}, got {cu[-1]}")
-            if max_seqlen is not None and max(steps) > max_seqlen:
-                raise ValueError(f"masked_attention: max_seqlen={max_seqlen} is below the longest segment "
-                                 f"({max(steps)})")
+            _check_cu_values(_host_values("cu_seqlens", cu_seqlens, host_index), T, max_seqlen)
             _mark_checked(cu_seqlens, key)
         return "packed"
 
@@ -136,7 +166,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torc
         raise ValueError(f"masked_attention: lengths must have B = {B} entries, got {lengths.numel()}")
     key = (N,)
     if check_values and not _already_checked(lengths, key):
-        lens = lengths.tolist()
+        lens = _host_values("lengths", lengths, host_index)
         bad = next((i for i, n in enumerate(lens) if not 0 <= n <= N), None)
         if bad is not None:
             raise ValueError(f"masked_attention: lengths must lie in [0, N = {N}], got lengths[{bad}]={lens[bad]}")
@@ -274,20 +304,15 @@ def _torch_backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, lengths
     return tuple(x.to(in_dtype).contiguous() for x in (dq, dk, dv))
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the *current* CUDA device: make it q's (q on cuda:1 while cuda:0 is current)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _triton_forward(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     from dermfast.kernels import masked_attention as kern
-    with _on_device(q):
+    with on_device(q):
         return kern.forward(q, k, v, cu_seqlens, lengths, _resolve_scale(scale, q.shape[-1]))
 
 
 def _triton_backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, lengths, scale):
     from dermfast.kernels import masked_attention as kern
-    with _on_device(q):
+    with on_device(q):
         return kern.backward(do, q, k, v, out, lse, dlse, cu_seqlens, lengths, scale)
 
 
@@ -370,7 +395,8 @@ _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                      max_seqlen: int | None = None, lengths: torch.Tensor | None = None,
-                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+                     scale: float | None = None, backend: str | None = None, *,
+                     host_index: Sequence[int] | None = None) -> torch.Tensor:
     """Attention within each image's visible patches; see the module docstring for layouts and semantics.
 
     Args:
@@ -383,9 +409,14 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         lengths: int [B], 0 <= lengths[b] <= N (a tensor or a list of ints).
         scale: score scale, default Dh ** -0.5.
         backend: None (automatic; env DERMFAST_BACKEND / set_backend), "triton" or "torch".
+        host_index: optional list / tuple of ints, the values of cu_seqlens (or lengths) as the caller holds
+            them on the host: the values are validated from it with no host sync, and the device tensor is
+            compared with it asynchronously (`torch._assert_async`). Without it, validation copies the index
+            tensor to the host once per tensor version (one sync).
     Returns: [q's shape], q.dtype.
     """
     cu_seqlens, lengths = as_index(cu_seqlens, q), as_index(lengths, q)
-    validate(q, k, v, cu_seqlens, max_seqlen, lengths, scale, check_values=not torch.compiler.is_compiling())
+    validate(q, k, v, cu_seqlens, max_seqlen, lengths, scale, check_values=not torch.compiler.is_compiling(),
+             host_index=host_index)
     return _masked_attention_op(q, k, v, cu_seqlens, max_seqlen, lengths,
                                 None if scale is None else float(scale), backend)[0]

@@ -92,7 +92,10 @@ class MAEStage(Stage):
 
     def step(self, batch, run):
         rng = run.cfg.mask_ratio_range
-        extra = {} if rng is None else {"mask_ratio_range": tuple(rng)}
+        # ragged: each rank's loss weighted by its share of the removed patches, so N ranks of batch b train as
+        # one process of batch N x b (the keep counts are host values of the global sample index)
+        extra = {} if rng is None else {"mask_ratio_range": tuple(rng),
+                                        "dp_batch": run.batch_size * run.world.world_size}
         loss, _, _ = run.model(batch["image"], seed=run.cfg.seed, step=run.micro_step,
                                sample_offset=run.sample_offset, **extra)
         return loss, {}
