@@ -194,8 +194,9 @@ def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys)
     assert toy(tmp_path, "r")[0] == 2
     err = capsys.readouterr().err
     assert "already holds a finished toy_engine_test run" in err and "--overwrite" in err
-    assert toy(tmp_path, "r", "--resume", "auto")[0] == 2
-    assert "finished at step 24; nothing to resume" in capsys.readouterr().err
+    assert "--resume auto with more --epochs" in err  # advice that works (test_run_folder.py runs it)
+    assert toy(tmp_path, "r", "--resume", "auto")[0] == 0  # a re-run preemptible job: finished, exit 0
+    assert "finished at step 24; nothing to resume" in capsys.readouterr().out
     assert toy(tmp_path, "r", "--overwrite", epochs=1)[0] == 0
     assert len(rows(tmp_path / "r" / "log.csv")) == 8
 

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from dermfast.data.loader import LoaderUnavailable
     from dermfast.data.records import DatasetError
     from dermfast.train.engine import Interrupted, TrainingError, train
+    from dermfast.train.preflight import NothingToDo
     try:
         file_values = load_yaml(args.config) if args.config else {}
         cli_values = parsed_values(args, info.cls.Config)
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         train(info.cls, cfg, argv=argv)
     except (ConfigError, DatasetError, LoaderUnavailable) as e:
         return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except NothingToDo as e:  # --resume auto on a finished run: what a re-run preemptible job meets
+        print(str(e))
+        return 0
     except TrainingError as e:
         return _fail(str(e), 1)
     except Interrupted as e:

@@ -38,7 +38,9 @@ from dermfast.train.context import Run
 from dermfast.train.distributed import World, resolve_device, world_from_env
 from dermfast.train.logs import CSVLog, TensorBoard, fmt
 from dermfast.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
-from dermfast.train.preflight import Signals, check_out, resume_command, resume_point, thread_budget
+from dermfast.train.preflight import (NothingToDo, Signals, check_out, check_out_path, resume_command, resume_point,
+                                      thread_budget)
+from dermfast.train.runlock import RunLock, RunLocked
 from dermfast.train.stages import Stage
 
 ENGINE_FILES = ("run.json", "config.yaml", "log.csv", "eval.csv", "plots.png", "checkpoint.safetensors",
@@ -86,10 +88,34 @@ def train(stage_cls: type[Stage], cfg, argv: list[str] | None = None) -> Path:
     cfg.validate()
     if cfg.precision == "bf16" and device.type != "cuda":
         raise ConfigError("--precision bf16 needs a CUDA device (CPU runs in fp32)")
-    bf16 = device.type == "cuda" and cfg.precision != "fp32"
     run_dir = Path(cfg.out).expanduser()
+    created = not run_dir.exists()
+    lock = RunLock(run_dir)
+    if world.is_main:  # first: of two runs into one folder, the first to get here runs, the other is refused
+        check_out_path(run_dir)
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            raise ConfigError(str(e)) from None
+    try:
+        _train_locked(stage, cfg, argv, world, device, run_dir, created, lock)
+    except BaseException:
+        if created and world.is_main and run_dir.is_dir() and not (run_dir / "run.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no folder behind
+        raise
+    finally:
+        lock.release()
+    return run_dir
+
+
+def _train_locked(stage: Stage, cfg, argv, world: World, device, run_dir: Path, created: bool, lock: RunLock):
     resume_from = resume_point(cfg, stage.name, run_dir)
-    created = check_out(run_dir, stage.name, resume_from is not None, cfg.overwrite)
+    check_out(run_dir, stage.name, cfg.resume is not None, cfg.overwrite)
+    if lock.note and world.is_main:
+        print(f"note: {lock.note}")
+    if cfg.resume == "auto" and resume_from is None and world.is_main:
+        print(f"--resume auto: no checkpoint in {run_dir} yet: starting the run afresh there")
+    bf16 = device.type == "cuda" and cfg.precision != "fp32"
     loader_kind = None
     if hasattr(cfg, "loader"):
         from dermfast.data.loader import resolve_loader
@@ -137,7 +163,7 @@ class _Trainer:
     def open_run_dir(self, resuming: bool) -> None:
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=True)
-        if self.cfg.overwrite and not resuming:
+        if not resuming and (self.cfg.overwrite or self.cfg.resume == "auto"):
             for name in ENGINE_FILES:
                 p = d / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -205,6 +231,8 @@ class _Trainer:
                                                              if cfg.blr is not None else "")
               + f"; {self.total} steps ({spe:g} per epoch), warmup {self.warmup} -> {self.run_dir}")
         self._warn_tiny_epoch(batches)
+        if resume_from is not None:
+            self._resume_schedule(resume_from, spe)
         self.start_epoch, self.resume_loader = 0, None
         if self.world.is_main:
             self.claim_run_dir()
@@ -230,6 +258,26 @@ class _Trainer:
             return self._loop()
         with torch.compiler.config.patch(dynamic_sources=_dynamic_sources()):
             return self._loop()
+
+    def _resume_schedule(self, path: Path, steps_per_epoch: float) -> None:
+        """--resume auto with other --epochs / --max-steps: say how the schedule changes; refuse to resume a run
+        that is already at (or past) the end of this schedule (NothingToDo: exit 0)."""
+        cfg, r = self.cfg, self.r
+        state = json.loads((path / "state.json").read_text())
+        step, saved = state["step"], state.get("config", {})
+        if step >= self.total:
+            raise NothingToDo(f"{self.run_dir}: the {self.stage.name} run is at step {step} and this schedule "
+                              f"ends at step {self.total}: nothing to resume (more --epochs trains it longer)")
+        old = int(saved.get("epochs", cfg.epochs) * steps_per_epoch)
+        if saved.get("max_steps") is not None:
+            old = min(old, saved["max_steps"])
+        if old != self.total:
+            old_warmup = min(old, int(saved.get("warmup_epochs", cfg.warmup_epochs) * steps_per_epoch))
+            lr_old = warmup_cosine(step, old, old_warmup, cfg.lr, cfg.min_lr)
+            lr_new = warmup_cosine(step, self.total, self.warmup, cfg.lr, cfg.min_lr)
+            r.log(f"resume: the schedule changes from {old} to {self.total} steps (warmup {old_warmup} -> "
+                  f"{self.warmup}); the cosine now ends at step {self.total}, so the lr at step {step} goes from "
+                  f"{lr_old:.3g} to {lr_new:.3g}")
 
     def _warn_tiny_epoch(self, batches: int) -> None:
         cfg, r = self.cfg, self.r

@@ -16,6 +16,12 @@ from dermfast.train.distributed import World
 # Options that may differ between a run and its resumption (they change neither the math nor the data).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "device", "workers", "threads", "checkpoint_every",
                      "keep_checkpoints", "log_every", "eval_every", "max_bad_steps", "compile"}
+# Options that lengthen (or shorten) a run resumed with --resume auto: the schedule is recomputed (printed).
+SCHEDULE_CHANGES = {"epochs", "max_steps"}
+
+
+class NothingToDo(Exception):
+    """--resume auto on a run that already finished its schedule: the CLI prints this and exits 0."""
 
 
 def available_cores() -> int:
@@ -73,8 +79,8 @@ def _run_info(run_dir: Path) -> dict | None:
     return None
 
 
-def check_out(run_dir: Path, stage: str, resuming: bool, overwrite: bool) -> bool:
-    """Refuse an --out that cannot hold this run; returns whether the folder must be created. Writes nothing."""
+def check_out_path(run_dir: Path) -> None:
+    """Refuse an --out that is a file or not writable. Writes nothing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {str(run_dir)!r} is a file, not a folder; give a folder name")
     probe = run_dir
@@ -83,19 +89,39 @@ def check_out(run_dir: Path, stage: str, resuming: bool, overwrite: bool) -> boo
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {str(run_dir)!r}: cannot write in {str(probe)!r} (permission denied); "
                           "choose a folder you can write to")
+
+
+def check_out(run_dir: Path, stage: str, resuming: bool, overwrite: bool) -> bool:
+    """Refuse an --out that cannot hold this run; returns whether the folder must be created. Writes nothing.
+    The caller holds the folder's lock (runlock.py), so a run.json saying "running" is a killed run."""
+    check_out_path(run_dir)
     info = _run_info(run_dir) if run_dir.is_dir() else None
     if info is not None and not resuming and not overwrite:
-        what = f"a {info.get('status', '?')} {info.get('stage', '')} run".replace("  ", " ")
+        status = info.get("status", "?")
+        if status == "running":  # the caller holds the folder's lock, so nobody runs there: it was killed
+            status = "interrupted (killed)"
+        what = f"a {status} {info.get('stage', '')} run".replace("  ", " ")
         at = f" (step {info['step']})" if "step" in info else ""
-        raise ConfigError(f"--out {str(run_dir)!r} already holds {what}{at}; pass --resume auto to continue "
-                          "it, --overwrite to replace it, or another --out")
+        advice = ("pass --resume auto with more --epochs to train it longer" if info.get("status") == "finished"
+                  else "pass --resume auto to continue it")
+        raise ConfigError(f"--out {str(run_dir)!r} already holds {what}{at}; {advice}, --overwrite to replace "
+                          "it, or another --out")
     if info is not None and resuming and info.get("stage", stage) != stage:
         raise ConfigError(f"--out {str(run_dir)!r} holds a {info.get('stage')} run, not a {stage} run")
     return not run_dir.exists()
 
 
 def resume_point(cfg, stage: str, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start.
+
+    --resume auto is what a preemptible job re-runs after every preemption: the newest checkpoint in --out if
+    there is one, else a fresh start in that folder (a run killed before its first checkpoint); a run that
+    finished its schedule raises NothingToDo (exit 0), unless --epochs / --max-steps now ask for more.
+    --resume PATH is strict: PATH must be a checkpoint of an unfinished run with the same settings."""
     if cfg.resume is None:
+        return None
+    auto = cfg.resume == "auto"
+    if auto and not ckpt.list_checkpoints(run_dir):
         return None
     try:
         path = ckpt.find_resume(cfg.resume, run_dir)
@@ -104,11 +130,16 @@ def resume_point(cfg, stage: str, run_dir: Path) -> Path | None:
     state = json.loads((path / "state.json").read_text())
     if state.get("stage") != stage:
         raise ConfigError(f"--resume {str(path)!r} is a {state.get('stage')} checkpoint, not {stage}")
-    if state.get("finished"):
-        raise ConfigError(f"--resume {str(path)!r}: that run finished at step {state['step']}; nothing to "
-                          "resume (--overwrite trains again)")
     saved, now = state.get("config", {}), config_dict(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    longer = sorted(k for k in SCHEDULE_CHANGES if saved.get(k) != now.get(k))
+    if state.get("finished") and not auto:
+        raise ConfigError(f"--resume {str(path)!r}: that run finished at step {state['step']}; to train it "
+                          f"longer give its --out with --resume auto and more --epochs (--overwrite trains again)")
+    if state.get("finished") and not longer:
+        raise NothingToDo(f"{run_dir}: the {stage} run finished at step {state['step']}; nothing to resume "
+                          "(more --epochs with --resume auto trains it longer)")
+    allowed = RESUMABLE_CHANGES | (SCHEDULE_CHANGES if auto else set())
+    diff = sorted(k for k in set(saved) | set(now) if k not in allowed and saved.get(k) != now.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"--resume: options differ from the checkpoint's ({shown}); an exact resume needs the "
