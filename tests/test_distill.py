@@ -79,8 +79,19 @@ def test_ssd_kd_cached_teacher_equals_on_the_fly(teacher_run, tmp_path, capsys):
         runs[cached] = out
     printed = capsys.readouterr().out
     assert "teacher outputs cached for epoch 0" in printed
-    header = (runs[True] / "log.csv").read_text().splitlines()[0].split(",")
-    assert {"ce", "kd", "rot_kd", "ss", "rkd_distance", "rkd_angle", "gram", "rotation"} <= set(header)
+    # test_vit's tokens are signed: the Gram adapter leaves ConvReg's ReLU out, and says so
+    assert "channels, 1x1 conv + BatchNorm (no ReLU: the teacher's feature map is signed" in printed
+    import csv
+    with open(runs[True] / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    terms = ("ce", "kd", "rot_kd", "ss", "rkd_distance", "rkd_angle", "gram", "rotation")
+    assert rows and set(terms) | {f"weighted_{t}" for t in terms} <= set(rows[0])
+    w = {"ce": 0.1, "kd": 0.9, "rot_kd": 2.7, "ss": 10.0, "rkd_distance": 25.0, "rkd_angle": 50.0, "gram": 1000.0,
+         "rotation": 1.0}  # the paper's weights (SSD-KD, isic_ssd_kd.py) and --rotation-weight's default
+    for row in rows:  # each weighted term is its weight times the raw one, and they add up to the logged loss
+        for t in terms:
+            assert float(row[f"weighted_{t}"]) == pytest.approx(w[t] * float(row[t]), rel=1e-4), (t, row)
+        assert sum(float(row[f"weighted_{t}"]) for t in terms) == pytest.approx(float(row["loss"]), rel=1e-4), row
     from safetensors.torch import load_file
     a, b = (load_file(str(runs[c] / "checkpoint.safetensors")) for c in (False, True))
     assert a.keys() == b.keys() and not any(k.startswith(("student.", "heads.")) for k in a)
@@ -89,7 +100,9 @@ def test_ssd_kd_cached_teacher_equals_on_the_fly(teacher_run, tmp_path, capsys):
     # the rotation head and the Gram adapter were trained and checkpointed with the student (resume state)
     step = sorted((runs[True] / "checkpoints").glob("step_*"))[-1]
     state = load_file(str(step / "model.safetensors"))
-    assert any(k.startswith("heads.rotation.") for k in state) and "heads.kd.gram.adapter.weight" in state
+    assert any(k.startswith("heads.rotation.") for k in state)
+    adapter = ("conv.weight", "conv.bias", "bn.weight", "bn.running_mean")  # GramAdapter: conv + BatchNorm (+ ReLU)
+    assert {f"heads.kd.gram.adapter.{k}" for k in adapter} <= set(state)
 
 
 def test_param_groups_hold_student_and_heads_not_teacher():
@@ -105,9 +118,29 @@ def test_param_groups_hold_student_and_heads_not_teacher():
     groups = DistillStage().param_groups(model, DistillConfig())
     ids = {id(p) for g in groups for p in g["params"]}
     assert ids == {id(p) for p in model.parameters()}
-    assert id(kd.gram.adapter.weight) in ids and all(id(p) in ids for p in model.heads["rotation"].parameters())
+    assert id(kd.gram.adapter.conv.weight) in ids and all(id(p) in ids for p in model.heads["rotation"].parameters())
     out = model(torch.randn(3, 3, 32, 32), ssd=True)
     assert out.logits.shape == (3, 7) and out.rot_logits.shape == (9, 7) and out.rot_head.shape == (12, 4)
+
+
+def test_gram_adapter_relu_follows_the_sign_of_the_teacher_map():
+    """The official adapter (ConvReg) ends in a ReLU, made for the paper's post-ReLU ResNet-50 map: kept for a
+    teacher whose feature map is non-negative (a ResNet), left out for a signed one (a ViT's tokens). The probe
+    leaves the global RNG alone (the student's initialisation does not depend on it)."""
+    import timm
+
+    from dermfast.models.classifier import ClassifierSpec
+    from dermfast.train.distill import DistillStage
+    stage = DistillStage()
+    stage.spec = ClassifierSpec("test_vit", 7, 32)
+    student = timm.create_model("test_vit", num_classes=7, img_size=32)
+    for arch, signed in (("test_resnet", False), ("test_vit", True)):
+        stage.teacher = timm.create_model(arch, num_classes=7, **({"img_size": 32} if "vit" in arch else {})).eval()
+        stage.tspec = ClassifierSpec(arch, 7, 32)
+        rng = torch.get_rng_state()
+        *_, t_signed = stage._probe(student, torch.device("cpu"))
+        assert t_signed == signed, arch
+        assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_without_teacher_it_fine_tunes_one_first(cache, tmp_path, capsys):
@@ -146,6 +179,9 @@ def test_bad_input_is_one_line_exit_2(teacher_run, tmp_path, capsys):
 
     err = _one_line_error(capsys, [*base, "--teacher", str(teacher_run), "--kd", "hinton", "--out", str(tmp_path / "c")])
     assert "hinton" in err
+    err = _one_line_error(capsys, [*base, "--teacher", str(teacher_run), "--kd", "ssd", "--ss-ratio", "1.5",
+                                   "--out", str(tmp_path / "f")])
+    assert "--ss-ratio in [0, 1]" in err
     err = _one_line_error(capsys, [*base, "--teacher", "resnet18", "--out", str(tmp_path / "d")])
     assert "--teacher-init" in err
     err = _one_line_error(capsys, [*base, "--teacher", "no_such_model_x", "--out", str(tmp_path / "e")])

@@ -1,5 +1,7 @@
-"""SSD-KD loss terms: each against an independent computation (plain-Python loops on tiny tensors, or a known
-property: zero when student == teacher, RKD's invariances), the composed loss, and gradient flow (student only)."""
+"""SSD-KD loss terms: each against an independent computation (plain-Python loops on tiny tensors, a known
+property: zero when student == teacher, RKD's invariances, or the SSD-KD authors' code transcribed below: the
+Gram matrix, the ConvReg adapter, the similarity term's rank filter), the composed loss and its weighted terms,
+and gradient flow (student only)."""
 import math
 
 import pytest
@@ -24,6 +26,7 @@ def test_paper_preset_weights():
     w = PRESETS["ssd_kd"]
     assert (w.ce, w.kd, w.rot_kd, w.ss, w.rkd_distance, w.rkd_angle, w.gram) == (0.1, 0.9, 2.7, 10, 25, 50, 1000)
     assert (w.temperature, w.ss_tau, w.rotation) == (4.0, 0.5, 0.0)
+    assert w.ss_ratio == 0.75  # isic_ssd_kd.py ratio_ss (its ratio_tf is 1.0: the rotated-view KD keeps every view)
     assert preset("soft_kd").rkd_angle == 0 and preset("ssd_kd", gram=0).gram == 0
     with pytest.raises(ValueError, match="unknown SSD-KD preset"):
         preset("nope")
@@ -141,19 +144,6 @@ def test_rkd_invariances(d_student):
     assert rkd_distance(noisy, t).item() > 1e-4 and rkd_angle(noisy, t).item() > 1e-4
 
 
-def test_channel_gram_by_hand_and_zero_on_equal_features():
-    f = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]], dtype=torch.float64)  # [1, 2, 1, 2]: channels (1,2), (3,4)
-    assert channel_gram(f)[0].tolist() == [[2.5, 5.5], [5.5, 12.5]]
-    t = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]], dtype=torch.float64)  # gram [[0.5, 0], [0, 0.5]]
-    loss = ChannelGramLoss(2, 2).double()
-    want = math.sqrt(((2.5 - 0.5) ** 2 + 5.5 ** 2 * 2 + (12.5 - 0.5) ** 2) / 4)
-    assert loss(f, t).item() == pytest.approx(want, rel=1e-12)
-    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-5)  # identity adapter at init; sqrt(eps) floor
-    wide = ChannelGramLoss(4, 2)
-    assert wide(torch.randn(3, 4, 5, 5), torch.randn(3, 2, 2, 3)).shape == ()  # other width and spatial size
-
-
 def full_outputs(n=4, k=3, d_s=6, d_t=10, c_s=4, c_t=5, grad=False):
     def make(*shape):
         return torch.randn(*shape, dtype=torch.float64).requires_grad_(grad)
@@ -177,7 +167,8 @@ def test_ssd_kd_total_is_the_weighted_sum_of_its_terms():
         "ce": F.cross_entropy(student.logits, y, weight=cw),
         "kd": kd_kl(student.logits, teacher.logits, 4.0),
         "rot_kd": kd_kl(student.rot_logits, teacher.rot_logits, 4.0),
-        "ss": sample_similarity_kl(student.rot_embed, student.embed, teacher.rot_embed, teacher.embed, 0.5),
+        "ss": sample_similarity_kl(student.rot_embed, student.embed, teacher.rot_embed, teacher.embed, 0.5,
+                                   keep_ratio=0.75),
         "rkd_distance": rkd_distance(student.embed, teacher.embed),
         "rkd_angle": rkd_angle(student.embed, teacher.embed),
         "gram": crit.gram(student.feat, teacher.feat),
@@ -187,6 +178,11 @@ def test_ssd_kd_total_is_the_weighted_sum_of_its_terms():
         assert terms[name].item() == pytest.approx(value.item(), rel=1e-9), name
     manual = sum(getattr(weights, name) * value.item() for name, value in want.items())
     assert total.item() == pytest.approx(manual, rel=1e-9)
+    weighted = crit.weighted(terms)  # what the distill stage logs beside the raw terms
+    assert set(weighted) == {f"weighted_{name}" for name in want}
+    for name, value in want.items():
+        assert weighted[f"weighted_{name}"].item() == pytest.approx(getattr(weights, name) * value.item(), rel=1e-9)
+    assert sum(v.item() for v in weighted.values()) == pytest.approx(total.item(), rel=1e-9)
 
 
 def test_ssd_kd_gradients_reach_the_student_only():
@@ -200,7 +196,8 @@ def test_ssd_kd_gradients_reach_the_student_only():
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
     for name in ("logits", "rot_logits", "embed", "rot_embed", "feat"):
         assert getattr(teacher, name).grad is None, name
-    assert crit.gram.adapter.weight.grad is not None and crit.gram.adapter.weight.grad.abs().sum() > 0
+    for p in crit.gram.adapter.parameters():  # conv weight and bias, BatchNorm affine
+        assert p.grad is not None and p.grad.abs().sum() > 0
 
 
 def test_ssd_kd_zero_weight_terms_are_skipped_and_missing_inputs_are_errors():
@@ -215,3 +212,160 @@ def test_ssd_kd_zero_weight_terms_are_skipped_and_missing_inputs_are_errors():
                                             teacher, torch.tensor([0, 1, 2, 0]))
     with pytest.raises(ValueError, match="student_channels"):
         SSDKDLoss(preset("ssd_kd"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against the SSD-KD authors' code: enkiwang/Portable-Skin-Lesion-Diagnosis (commit 98963d4),
+# experiment/isic/kd_losses/ssd_kd.py (gram_matrix, D_KD.cr_dist), experiment/my_models/my_model.py (ConvReg),
+# experiment/isic/isic_ssd_kd.py (the training loop: ratio_ss, ss_T, the rank filter). Transcribed here, not
+# imported from dermfast, so dermfast is checked against the peer's formula rather than against itself.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def official_gram_matrix(features):
+    """ssd_kd.py gram_matrix(features, normalize=True), verbatim."""
+    N, C, H, W = features.shape
+    feats = features.view(N, C, H * W)
+    feats_t = feats.transpose(1, 2)
+    G = feats.bmm(feats_t)
+    return G.div(C * H * W)
+
+
+def official_cr_dist(feat_s, feat_t):
+    """ssd_kd.py D_KD.cr_dist: sqrt(MSE) between the Gram matrices (feat_s already through ConvReg)."""
+    return F.mse_loss(official_gram_matrix(feat_s), official_gram_matrix(feat_t)).sqrt()
+
+
+class OfficialConvReg(torch.nn.Module):
+    """my_model.py ConvReg for equal spatial sizes (s_H >= t_H branch with s_H == t_H: a 1 x 1 conv, with bias),
+    then BatchNorm2d(t_C) and ReLU (use_relu=True)."""
+
+    def __init__(self, s_C, t_C, use_relu=True):
+        super().__init__()
+        self.use_relu = use_relu
+        self.conv = torch.nn.Conv2d(s_C, t_C, kernel_size=(1, 1))
+        self.bn = torch.nn.BatchNorm2d(t_C)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.relu(self.bn(x)) if self.use_relu else self.bn(x)
+
+
+def test_channel_gram_is_official_gram_matrix_by_hand():
+    f = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]], dtype=torch.float64)  # [1, C=2, H=1, W=2]
+    # F F^T = [[5, 11], [11, 25]], divided by C H W = 4 (not by H W = 2)
+    assert channel_gram(f)[0].tolist() == [[1.25, 2.75], [2.75, 6.25]]
+    x = torch.randn(3, 5, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(channel_gram(x), official_gram_matrix(x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shapes", [((2, 8, 7, 7), (2, 8, 7, 7)), ((3, 6, 4, 4), (3, 6, 2, 3))])
+def test_gram_term_with_identity_adapter_is_official_cr_dist(shapes):
+    """The Gram term on its own (adapter replaced by an identity) is the official cr_dist, whatever the widths
+    (here equal, so no adapter is needed) and spatial sizes."""
+    torch.manual_seed(5)
+    s, t = (torch.randn(*sh, dtype=torch.float64) for sh in shapes)
+    loss = ChannelGramLoss(shapes[0][1], shapes[1][1])
+    loss.adapter = torch.nn.Identity()
+    assert loss(s, t).item() == pytest.approx(official_cr_dist(s, t).item(), rel=1e-12)
+    assert loss(t, t).item() == pytest.approx(0.0, abs=1e-5)  # sqrt(eps) floor
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_gram_adapter_is_official_convreg(relu):
+    """The adapter is ConvReg at equal spatial size: 1x1 conv with bias -> BatchNorm2d -> ReLU (the ReLU is an
+    option: off for a teacher whose feature map is signed); with ConvReg's weights copied in, the whole Gram term
+    equals the official cr_dist(ConvReg(feat_s), feat_t), in training mode (batch statistics) and eval mode."""
+    torch.manual_seed(6)
+    loss = ChannelGramLoss(4, 6, relu=relu).double()
+    a = loss.adapter
+    assert isinstance(a.conv, torch.nn.Conv2d) and a.conv.kernel_size == (1, 1) and a.conv.bias is not None
+    assert (a.conv.in_channels, a.conv.out_channels) == (4, 6)
+    assert isinstance(a.bn, torch.nn.BatchNorm2d) and a.bn.num_features == 6
+    assert isinstance(a.relu, torch.nn.ReLU if relu else torch.nn.Identity)
+    ref = OfficialConvReg(4, 6, use_relu=relu).double()
+    ref.load_state_dict(a.state_dict())
+    s, t = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randn(3, 6, 5, 5, dtype=torch.float64).relu()
+    for train in (True, False):
+        loss.train(train), ref.train(train)
+        assert loss(s, t).item() == pytest.approx(official_cr_dist(ref(s), t).item(), rel=1e-10), train
+    torch.testing.assert_close(a.bn.running_mean, ref.bn.running_mean)  # the same BN state was updated
+
+
+def official_ss_loss(s_feat, t_feat, batch, ratio_ss, ss_T):
+    """isic_ssd_kd.py, the student loop: loss4 with the rank filter (ratio_ss). s_feat, t_feat: [4 * batch, D]
+    in the official layout, image i's rotations by 0, 90, 180, 270 degrees at rows 4i .. 4i + 3.
+    The official argsorts are torch's default (order among equal values unspecified); stable=True pins it."""
+    nor_index = torch.arange(4 * batch) % 4 == 0
+    aug_index = torch.arange(4 * batch) % 4 != 0
+
+    def simi(feat):
+        nor_feat = feat[nor_index].unsqueeze(2).expand(-1, -1, 3 * batch).transpose(0, 2)
+        aug_feat = feat[aug_index].unsqueeze(2).expand(-1, -1, 1 * batch)
+        return F.cosine_similarity(aug_feat, nor_feat, dim=1)
+
+    s_simi = simi(s_feat)
+    t_simi = simi(t_feat).detach()
+    aug_target = torch.arange(batch).unsqueeze(1).expand(-1, 3).contiguous().view(-1).long()
+    rank = torch.argsort(t_simi, dim=1, descending=True, stable=True)
+    rank = torch.argmax(torch.eq(rank, aug_target.unsqueeze(1)).long(), dim=1)
+    index = torch.argsort(rank, stable=True)
+    tmp = torch.nonzero(rank, as_tuple=True)[0]
+    wrong_num = tmp.numel()
+    correct_num = 3 * batch - wrong_num
+    wrong_keep = int(wrong_num * ratio_ss)
+    index = index[:correct_num + wrong_keep]
+    distill_index_ss = torch.sort(index)[0]
+    log_simi = F.log_softmax(s_simi / ss_T, dim=1)
+    simi_knowledge = F.softmax(t_simi / ss_T, dim=1)
+    loss4 = F.kl_div(log_simi[distill_index_ss], simi_knowledge[distill_index_ss],
+                     reduction='batchmean') * ss_T * ss_T
+    return loss4, rank, len(distill_index_ss)
+
+
+def official_to_view_major(feat, n):
+    """[4N, D] official layout -> (normal views [N, D], rotated views [3N, D] view-major as rotate_views)."""
+    f = feat.reshape(n, 4, -1)
+    return f[:, 0], f[:, 1:].transpose(0, 1).reshape(3 * n, -1)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.7, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sample_similarity_rank_filter_is_official(ratio, seed):
+    """The teacher ranks each rotated view's own image among the N normal ones; every view it ranks first is
+    kept, and of the others the best-ranked floor(wrong * ratio_ss); the KL averages over the kept views."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = 7, 5
+    t_nor = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # a mix of views the teacher matches to their image (small noise) and views it does not (large noise)
+    noise = torch.where(torch.rand(n, 3, 1, generator=g) < 0.4, 0.2, 3.0).to(torch.float64)
+    t_aug = t_nor[:, None] + noise * torch.randn(n, 3, d, generator=g, dtype=torch.float64)
+    t_feat = torch.cat([t_nor[:, None], t_aug], 1).reshape(4 * n, d)
+    s_feat = torch.randn(4 * n, 3, generator=g, dtype=torch.float64)
+    want, rank, kept = official_ss_loss(s_feat, t_feat, n, ratio, 0.5)
+    wrong = int((rank > 0).sum())
+    assert 0 < wrong < 3 * n, rank  # both kinds present, so the filter has something to do
+    s_n, s_a = official_to_view_major(s_feat, n)
+    t_n, t_a = official_to_view_major(t_feat, n)
+    got = sample_similarity_kl(s_a, s_n, t_a, t_n, 0.5, keep_ratio=ratio)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    if ratio < 1.0 and kept < 3 * n:  # filtering changed the loss
+        assert got.item() != pytest.approx(sample_similarity_kl(s_a, s_n, t_a, t_n, 0.5).item(), rel=1e-6)
+
+
+def test_sample_similarity_rank_filter_edges():
+    torch.manual_seed(7)
+    s_n, s_a, t_n = torch.randn(4, 3), torch.randn(12, 3), torch.randn(4, 3)
+    t_a = t_n.repeat(3, 1)  # the teacher matches every view: nothing is filtered
+    assert sample_similarity_kl(s_a, s_n, t_a, t_n, keep_ratio=0.0).item() == pytest.approx(
+        sample_similarity_kl(s_a, s_n, t_a, t_n).item(), rel=1e-6)
+    # a view-major layout needs M a multiple of N
+    with pytest.raises(ValueError, match="multiple"):
+        sample_similarity_kl(s_a[:10], s_n, t_a[:10], t_n, keep_ratio=0.75)
+    t_wrong = t_n.roll(1, 0).repeat(3, 1)  # every view matches another image: all ranked wrong
+    assert sample_similarity_kl(s_a, s_n, t_wrong, t_n, keep_ratio=0.3).item() > 0  # floor(12 * 0.3) = 3 kept
+    # floor(12 * 0.05) = 0: no view kept, the term is 0 (the official batchmean over no rows would be NaN)
+    assert sample_similarity_kl(s_a, s_n, t_wrong, t_n, keep_ratio=0.05).item() == 0.0
+    with pytest.raises(ValueError, match="ss_ratio"):
+        SSDKDWeights(ss_ratio=1.5)

@@ -1,18 +1,33 @@
 """SSD-KD's loss terms (Wang et al., "SSD-KD: a self-supervised diverse knowledge distillation method for
 lightweight skin lesion classification"), as small composable torch functions and modules.
 
-SSD-KD combines, with the paper's weights (the `ssd_kd` preset):
+SSD-KD combines, with the paper's weights (the `ssd_kd` preset), as the authors' code does
+(enkiwang/Portable-Skin-Lesion-Diagnosis: experiment/isic/isic_ssd_kd.py, kd_losses/ssd_kd.py):
     0.1  class-weighted CE(student, y)
     0.9  T^2 KL(teacher || student) on the logits, T = 4                          (Hinton KD)
     2.7  T^2 KL on the logits of the 90 / 180 / 270 degree rotated views         (SSKD's transformed-view KD)
     10   tau^2 KL between the teacher's and the student's sample-similarity
          distributions (cosine similarity of each rotated view to every normal view, softmax over the normal
-         views at temperature tau = 0.5)                                          (SSKD's self-supervised KD)
+         views at temperature tau = 0.5), over the rotated views that survive the teacher's rank filter
+         (ratio_ss = 0.75, `SSDKDWeights.ss_ratio`)                             (SSKD's self-supervised KD)
     25   RKD distance, 50 RKD angle on embeddings                                 (Park et al., relational KD)
-    1000 sqrt(MSE) between per-instance channel Gram matrices of feature maps, the student's through a 1x1
-         adapter conv to the teacher's width                                      (intra-instance relations)
+    1000 sqrt(MSE) between per-instance channel Gram matrices F F^T / (C H W) of feature maps, the student's
+         through an adapter (1x1 conv + BatchNorm + ReLU: the official ConvReg) to the teacher's width
+                                                                                  (intra-instance relations)
 Each term's weight lives in `SSDKDWeights`; a term with weight 0 is not computed. Every term treats the teacher
 as a constant (its tensors are detached here), so gradients reach the student (and the adapter) only.
+
+Where this differs from the official code (the weights above mean what they mean there):
+- the rank filter of the rotated-view KD (official ratio_tf) is not implemented: the official value 1.0 keeps
+  every view, so the term is the same;
+- the similarity term compares the networks' pooled embeddings; the official code passes them through a
+  Linear-ReLU-Linear projection head first (the teacher's trained on the rotation-matching task beforehand,
+  the student's trained with the student);
+- the Gram adapter keeps the student's spatial size (the Gram matrix is [C, C] whatever H W): the official
+  ConvReg resamples a student map of another size to the teacher's with a strided / transposed / larger
+  conv, and is the 1x1 conv used here when the sizes are equal (the paper's 7 x 7 maps). Its ReLU is an
+  option (`relu=False`) for a teacher whose feature map is signed (a ViT's tokens), where it would make the
+  teacher's negative Gram entries unreachable.
 
 Rotation self-supervision: `rotate_views` makes the rotated views of a batch with their 4-way labels;
 `RotationHead` is the 4-way classifier (trained with `rotation_loss`, on the teacher before distillation as in
@@ -20,7 +35,6 @@ SSKD, optionally on the student through `SSDKDWeights.rotation`, 0 in the paper'
 
 Shapes: logits [N, K]; embeddings [N, D] (D may differ between student and teacher: RKD and the similarity terms
 compare relations, not vectors); feature maps [N, C, H, W] (spatial sizes may differ: a channel Gram is [C, C]).
-Not included: SSKD's rank-based filtering of noisy rotated views (keeping only views the teacher ranks right).
 """
 from __future__ import annotations
 
@@ -43,10 +57,12 @@ class SSDKDWeights:
     ss: float = 10.0            # tau^2 KL between sample-similarity distributions
     rkd_distance: float = 25.0  # RKD distance on embeddings
     rkd_angle: float = 50.0     # RKD angle on embeddings
-    gram: float = 1000.0        # sqrt(MSE) between channel Gram matrices (student through the 1x1 adapter)
+    gram: float = 1000.0        # sqrt(MSE) between channel Gram matrices F F^T / (C H W) (student through the adapter)
     rotation: float = 0.0       # 4-way rotation CE on the student's rotation head (not in the paper's objective)
     temperature: float = 4.0    # T of both logit KL terms
     ss_tau: float = 0.5         # tau of the sample-similarity term
+    ss_ratio: float = 0.75      # similarity term: share of the rotated views the teacher ranks wrong that are kept
+                                # (the official ratio_ss; 1 = no filter): see `similarity_rank_keep`
 
     def __post_init__(self):
         for f in fields(self):
@@ -56,6 +72,8 @@ class SSDKDWeights:
         if self.temperature <= 0 or self.ss_tau <= 0:
             raise ValueError(f"SSDKDWeights: temperature and ss_tau must be > 0, got {self.temperature}, "
                              f"{self.ss_tau}")
+        if self.ss_ratio > 1:
+            raise ValueError(f"SSDKDWeights.ss_ratio must be in [0, 1], got {self.ss_ratio}")
 
 
 TERMS = ("ce", "kd", "rot_kd", "ss", "rkd_distance", "rkd_angle", "gram", "rotation")
@@ -148,18 +166,51 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8
     return F.normalize(a, dim=1, eps=eps) @ F.normalize(b, dim=1, eps=eps).t()
 
 
+def similarity_rank_keep(teacher_sim: torch.Tensor, ratio: float) -> torch.Tensor:
+    """SSKD's rank filter of the similarity term, as the SSD-KD authors' code applies it (isic_ssd_kd.py,
+    ratio_ss): which rotated views the similarity KL keeps. bool [M].
+
+    teacher_sim: [M, N], the teacher's similarity of each rotated view to every normal view, rows view-major as
+    `rotate_views` makes them (row m is a view of image m % N; M = R N). A view's rank is the position of its
+    own image in its row sorted by decreasing similarity (0: the teacher matches it). Kept: every view of rank 0,
+    and of the W others the floor(W * ratio) of lowest rank. Among equal ranks the official layout's order
+    decides (image, then rotation: what a stable argsort of the official code gives; its own argsort leaves that
+    order unspecified). On the device, no host sync.
+    """
+    m, n = teacher_sim.shape
+    if m % n:
+        raise ValueError(f"similarity_rank_keep: {m} rotated views are not a multiple of {n} images (view-major "
+                         "rows as rotate_views makes them)")
+    rows = torch.arange(m, device=teacher_sim.device)
+    image, view = rows % n, rows // n
+    order = torch.argsort(teacher_sim, dim=1, descending=True, stable=True)
+    rank = (order == image[:, None]).long().argmax(dim=1)
+    key = rank * m + image * (m // n) + view  # unique: rank first, then the official row order
+    pos = torch.empty_like(rows).scatter_(0, torch.argsort(key), rows)  # each view's place in the ranking
+    wrong = (rank > 0).sum()
+    # float64 as the official int(wrong_num * ratio_ss) (a float32 product can floor one lower, e.g. 10 * 0.7)
+    keep_n = (m - wrong) + torch.floor(wrong.to(torch.float64) * ratio).long()
+    return pos < keep_n
+
+
 def sample_similarity_kl(student_aug: torch.Tensor, student_nor: torch.Tensor, teacher_aug: torch.Tensor,
-                         teacher_nor: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
-    """tau^2 * KL(softmax(A_t / tau) || softmax(A_s / tau)) averaged over the M rows (SSKD).
+                         teacher_nor: torch.Tensor, tau: float = 0.5, keep_ratio: float = 1.0) -> torch.Tensor:
+    """tau^2 * KL(softmax(A_t / tau) || softmax(A_s / tau)) averaged over the kept rows (SSKD).
 
     A[m, n] = cos(aug_m, nor_n): each rotated view's similarity to every normal view, [M, N]; the row
     distributions say which normal image a view "comes from". aug: [M, D], nor: [N, D] (D per network).
+    keep_ratio < 1 applies the teacher's rank filter (`similarity_rank_keep`; aug rows view-major, M = R N);
+    1 keeps every row. When no row is kept the term is 0 (the official batchmean over no rows is NaN).
     """
     a_s = cosine_similarity_matrix(student_aug, student_nor)
     a_t = cosine_similarity_matrix(teacher_aug.detach(), teacher_nor.detach())
     log_q = F.log_softmax(a_s / tau, dim=1)
     log_p = F.log_softmax(a_t / tau, dim=1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (tau * tau)
+    if keep_ratio >= 1.0:
+        return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (tau * tau)
+    keep = similarity_rank_keep(a_t, keep_ratio).to(log_q.dtype)
+    rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1)
+    return (rows * keep).sum() / keep.sum().clamp_min(1.0) * (tau * tau)
 
 
 def _pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -201,26 +252,42 @@ def rkd_angle(student_embed: torch.Tensor, teacher_embed: torch.Tensor) -> torch
 
 
 def channel_gram(feat: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, C]: G = F F^T / (H W), F the [C, H*W] map of each instance."""
+    """[N, C, H, W] -> [N, C, C]: G = F F^T / (C H W), F the [C, H*W] map of each instance (the SSD-KD authors'
+    gram_matrix, kd_losses/ssd_kd.py, so the paper's weight 1000 means what it meant there)."""
     n, c = feat.shape[:2]
     f = feat.reshape(n, c, -1)
-    return f @ f.transpose(1, 2) / f.shape[-1]
+    return f @ f.transpose(1, 2) / (c * f.shape[-1])
+
+
+class GramAdapter(nn.Module):
+    """The student's feature map to the teacher's width: 1x1 conv (with bias) -> BatchNorm2d -> ReLU, the SSD-KD
+    authors' ConvReg (experiment/my_models/my_model.py) for equal spatial sizes; the spatial size is kept (see
+    the module docstring). relu=False leaves the ReLU out (an nn.Identity), for a teacher with signed features.
+    [N, C_s, H, W] -> [N, C_t, H, W]."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, relu: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+        self.bn = nn.BatchNorm2d(teacher_channels)
+        self.relu = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
 
 
 class ChannelGramLoss(nn.Module):
-    """sqrt(MSE(G(adapter(student_feat)), G(teacher_feat))): intra-instance channel relations.
+    """sqrt(MSE(G(adapter(student_feat)), G(teacher_feat))): intra-instance channel relations (the official
+    D_KD.cr_dist with G = `channel_gram`).
 
-    adapter: a 1x1 conv (no bias) from the student's channels to the teacher's (identity-initialised when the
-    widths match, so an equal pair starts at zero loss). Feature maps [N, C_s, H_s, W_s] and [N, C_t, H_t, W_t];
-    spatial sizes may differ. The sqrt is taken of max(MSE, eps) so its gradient stays finite at zero.
+    adapter: a `GramAdapter` (conv + BatchNorm + ReLU, the official ConvReg; relu=False drops the ReLU), a
+    separate module so the Gram term can be checked on its own (replace it by an nn.Identity when the widths
+    match). Feature maps [N, C_s, H_s, W_s] and [N, C_t, H_t, W_t]; spatial sizes may differ. The sqrt is taken
+    of max(MSE, eps) so its gradient stays finite at zero.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, eps: float = 1e-12):
+    def __init__(self, student_channels: int, teacher_channels: int, relu: bool = True, eps: float = 1e-12):
         super().__init__()
-        self.adapter = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
-        if student_channels == teacher_channels:
-            with torch.no_grad():
-                self.adapter.weight.copy_(torch.eye(teacher_channels)[:, :, None, None])
+        self.adapter = GramAdapter(student_channels, teacher_channels, relu)
         self.eps = eps
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -255,21 +322,24 @@ class DistillOutputs:
 
 
 class SSDKDLoss(nn.Module):
-    """The weighted sum of the SSD-KD terms; forward returns (total, {term: detached value}).
+    """The weighted sum of the SSD-KD terms; forward returns (total, {term: detached unweighted value});
+    `weighted(terms)` gives each term times its weight (they sum to the total).
 
     student_channels / teacher_channels: feature-map widths for the Gram term's adapter (needed when
-    weights.gram > 0). class_weight: [K] CE weights (e.g. `inverse_frequency_weights(class_counts)`).
+    weights.gram > 0); adapter_relu: the adapter's ReLU (the official ConvReg's; off for a signed teacher map).
+    class_weight: [K] CE weights (e.g. `inverse_frequency_weights(class_counts)`).
     """
 
     def __init__(self, weights: SSDKDWeights | None = None, student_channels: int | None = None,
-                 teacher_channels: int | None = None, class_weight: torch.Tensor | None = None):
+                 teacher_channels: int | None = None, class_weight: torch.Tensor | None = None,
+                 adapter_relu: bool = True):
         super().__init__()
         self.weights = weights if weights is not None else SSDKDWeights()
         self.gram = None
         if self.weights.gram > 0:
             if student_channels is None or teacher_channels is None:
                 raise ValueError("SSDKDLoss: the gram term needs student_channels and teacher_channels")
-            self.gram = ChannelGramLoss(student_channels, teacher_channels)
+            self.gram = ChannelGramLoss(student_channels, teacher_channels, relu=adapter_relu)
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     @staticmethod
@@ -297,7 +367,7 @@ class SSDKDLoss(nn.Module):
             self._need("ss", **{"student.rot_embed": student.rot_embed, "student.embed": student.embed,
                                 "teacher.rot_embed": teacher.rot_embed, "teacher.embed": teacher.embed})
             terms["ss"] = sample_similarity_kl(student.rot_embed, student.embed, teacher.rot_embed, teacher.embed,
-                                               w.ss_tau)
+                                               w.ss_tau, keep_ratio=w.ss_ratio)
         if w.rkd_distance > 0:
             self._need("rkd_distance", **{"student.embed": student.embed, "teacher.embed": teacher.embed})
             terms["rkd_distance"] = rkd_distance(student.embed, teacher.embed)
@@ -315,3 +385,8 @@ class SSDKDLoss(nn.Module):
         weights = asdict(w)
         total = sum(weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"weighted_<term>": weight * value} for the terms forward returned: their share of the total."""
+        weights = asdict(self.weights)
+        return {f"weighted_{name}": weights[name] * value for name, value in terms.items()}

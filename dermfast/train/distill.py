@@ -16,10 +16,15 @@ teacher's, so one batch feeds both; a teacher of another input size sees the bat
 Objectives (`--kd`):
 - soft: the fused `dermfast.ops.kd_loss` = alpha T^2 KL(teacher || student) + (1 - alpha) CE (DerMAE's KD).
 - ssd: `dermfast.distill.SSDKDLoss` with the paper's weights (preset `ssd_kd`: CE, KD, rotated-view KD, sample
-  similarity, RKD distance / angle, channel-Gram through a 1x1 adapter) plus a 4-way `RotationHead` on the
-  student's embeddings at `--rotation-weight` (0 = exactly the paper's objective, no head). Each batch also runs
-  as its 90 / 180 / 270 degree views. Embeddings are the models' pre-logits features; the Gram feature map is the
-  last feature map (a ViT's patch tokens as a [D, g, g] map). The rotation head and the Gram adapter live in the
+  similarity with the teacher's rank filter at `--ss-ratio`, RKD distance / angle, channel Gram through the
+  official adapter, 1x1 conv + BatchNorm + ReLU) plus a 4-way `RotationHead` on the student's embeddings at
+  `--rotation-weight` (0 = exactly the paper's objective, no head). Each batch also runs as its 90 / 180 / 270
+  degree views. Embeddings are the models' pre-logits features; the Gram feature map is the last feature map (a
+  ViT's patch tokens as a [D, g, g] map). The adapter's ReLU is kept when the teacher's feature map is
+  non-negative (a post-ReLU CNN map, as the paper's ResNet-50) and left out when it is signed (a ViT's tokens),
+  where a ReLU could never reach the teacher's negative Gram entries; the run says which. log.csv holds every
+  term unweighted (`ce`, `kd`, ..., `gram`) and weighted (`weighted_ce`, ..., `weighted_gram`: the weighted ones
+  sum to `loss`). The rotation head and the Gram adapter live in the
   trained module beside the student, so they are optimised (`param_groups`) and checkpointed; the final weights
   (checkpoint.safetensors, best.safetensors) hold the student alone, in the classifier format, so
   `python -m dermfast.evaluate --checkpoint RUN` and `python -m dermfast.export --checkpoint RUN` take them.
@@ -57,6 +62,7 @@ class DistillConfig(DataConfig):
     temperature: float = 4.0         # T of the logit KL terms
     alpha: float = 0.9               # soft: weight of the KD term (1 - alpha on the CE)
     rotation_weight: float = 1.0     # ssd: weight of the student's 4-way rotation CE (RotationHead); 0 = the paper's objective, no head
+    ss_ratio: float = 0.75           # ssd: share of the rotated views the teacher matches wrongly kept in the similarity term (the paper's ratio_ss; 1 = no filter)
     class_weights: bool | None = None  # weigh the CE by inverse class frequency; None = on for ssd (the paper's), off for soft
     cache_teacher: bool = False      # teacher outputs computed once per epoch before the student's pass: a second loader replays the epoch's exact (augmented) batches
     drop_path: float = 0.0           # student stochastic depth rate
@@ -75,8 +81,10 @@ class DistillConfig(DataConfig):
                               "mobilenetv2_100, efficientnet_b0, edgenext_small)")
         if self.kd not in ("soft", "ssd"):
             raise ConfigError(f"unknown --kd {self.kd!r}; accepted: soft, ssd")
-        if not (self.temperature > 0 and 0.0 <= self.alpha <= 1.0 and self.rotation_weight >= 0):
-            raise ConfigError("--temperature must be > 0, --alpha in [0, 1], --rotation-weight >= 0")
+        if not (self.temperature > 0 and 0.0 <= self.alpha <= 1.0 and self.rotation_weight >= 0
+                and 0.0 <= self.ss_ratio <= 1.0):
+            raise ConfigError("--temperature must be > 0, --alpha in [0, 1], --rotation-weight >= 0, "
+                              "--ss-ratio in [0, 1]")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if self.teacher_epochs < 1:
@@ -317,11 +325,16 @@ class DistillStage(Stage):
         rot_head = kd = None
         if cfg.kd == "ssd":
             from dermfast.distill import RotationHead, SSDKDLoss, preset
-            s_ch, t_ch, s_dim = self._probe(student, run.device)
+            s_ch, t_ch, s_dim, t_signed = self._probe(student, run.device)
             if cfg.rotation_weight > 0:
                 rot_head = RotationHead(s_dim)
-            kd = SSDKDLoss(preset("ssd_kd", temperature=cfg.temperature, rotation=cfg.rotation_weight),
-                           student_channels=s_ch, teacher_channels=t_ch, class_weight=weight)
+            run.log(f"distill: Gram adapter {s_ch} -> {t_ch} channels, 1x1 conv + BatchNorm" +
+                    (" (no ReLU: the teacher's feature map is signed, a ReLU could not reach its negative Gram "
+                     "entries)" if t_signed else " + ReLU (the teacher's feature map is non-negative)"))
+            kd = SSDKDLoss(preset("ssd_kd", temperature=cfg.temperature, rotation=cfg.rotation_weight,
+                                  ss_ratio=cfg.ss_ratio),
+                           student_channels=s_ch, teacher_channels=t_ch, class_weight=weight,
+                           adapter_relu=not t_signed)
         model = make_distill_module(student, rot_head, kd).to(run.device)
 
         self.aug = replace(classify_augment(self.spec.img_size), mean=self.spec.mean, std=self.spec.std)
@@ -385,9 +398,11 @@ class DistillStage(Stage):
         return PreparedData(data.records, splits, data.report)
 
     def _probe(self, student, device):
-        """(student feature channels, teacher feature channels, student embedding width) from a 2-image pass."""
+        """(student feature channels, teacher feature channels, student embedding width, whether the teacher's
+        feature map takes negative values) from a 2-image pass (seeded noise, the global RNG untouched)."""
         import torch
-        x = torch.zeros(2, 3, self.spec.img_size, self.spec.img_size, device=device)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, self.spec.img_size, self.spec.img_size, generator=g).to(device)
         was = student.training
         student.eval()
         with torch.no_grad():
@@ -397,7 +412,7 @@ class DistillStage(Stage):
             except ValueError as e:
                 raise ConfigError(f"--kd ssd: {e}") from None
         student.train(was)
-        return s_map.shape[1], t_map.shape[1], s_emb.shape[1]
+        return s_map.shape[1], t_map.shape[1], s_emb.shape[1], bool((t_map < 0).any())
 
     def _teacher_input(self, x):
         """The student's batch as the teacher takes it (same normalisation; resized when its size differs)."""
@@ -481,8 +496,10 @@ class DistillStage(Stage):
                 v = getattr(student, f)
                 if v is not None:
                     setattr(student, f, v.float())
-            loss, terms = run.raw_model.heads["kd"](student, teacher, y, rot_labels)
-        return loss, {**terms, "acc": (student.logits.argmax(1) == y).float().mean()}
+            crit = run.raw_model.heads["kd"]
+            loss, terms = crit(student, teacher, y, rot_labels)
+        # each term unweighted (its own scale) and weighted (its share of the loss: these sum to it)
+        return loss, {**terms, **crit.weighted(terms), "acc": (student.logits.argmax(1) == y).float().mean()}
 
     def evaluate(self, run) -> dict | None:
         if self.val_loader is None:
