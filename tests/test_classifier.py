@@ -122,3 +122,31 @@ def test_classifier_checkpoint_round_trip_and_refusals(tmp_path):
         load_classifier(tmp_path / "head.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_classifier(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_dermfast_mae_checkpoint_covers_everything_the_classifier_needs(tmp_path, pool):
+    """What finetune checks before a run (shapes only, model on the meta device) agrees with what load_init then
+    does: dermfast's own MAE -> finetune needs the patch embedding, class token and every block (and the final
+    norm under token pooling), never the sin-cos position embedding or, with average pooling, the final norm."""
+    from dermfast.models.classifier import checkpoint_shapes, read_checkpoint
+    from dermfast.models.init_checkpoint import init_coverage, required_keys, unloaded_required
+    mae, path = mae_checkpoint(tmp_path)
+    shapes, meta = checkpoint_shapes(path)
+    tensors, meta2 = read_checkpoint(path)
+    assert shapes == {k: tuple(v.shape) for k, v in tensors.items()} and meta == meta2
+    with torch.device("meta"):
+        ghost = build_classifier(spec(pool))
+    cov = init_coverage(ghost, spec(pool), shapes)
+    assert cov.complete and "pos_embed" not in cov.required and ("norm.weight" in cov.required) == (pool == "token")
+    assert {k.split(".")[0] for k in cov.required} == {"cls_token", "patch_embed", "blocks"} | (
+        {"norm"} if pool == "token" else set())
+    model = build_classifier(spec(pool))
+    rep = load_init(model, path)
+    assert sorted(required_keys(model, spec(pool))) == sorted(cov.loaded)
+    assert not unloaded_required(model, spec(pool), rep)
+    wider = ClassifierSpec("mae_vit", 3, 32, mae_preset={**TINY.to_dict(), "embed_dim": 96, "num_heads": 3})
+    with torch.device("meta"):
+        cov = init_coverage(build_classifier(wider), wider, shapes)
+    assert not cov.complete and not cov.loaded
+    assert cov.mismatched[0] == "cls_token: checkpoint [1, 1, 64] vs model [1, 1, 96]"

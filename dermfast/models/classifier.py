@@ -14,11 +14,14 @@ config that trained it.
   come through `load_init`.
 
 `load_init` loads weights by name and returns what it did: every missing, unexpected or shape-mismatched key is
-listed (`InitReport`), never silently dropped.
+listed (`InitReport`), never silently dropped; a learnt ViT position embedding of another grid is resampled as
+timm's loader does. `checkpoint_shapes` reads a checkpoint's shapes and metadata without its tensors, so
+`dermfast.models.init_checkpoint` can say before a run what a checkpoint is and whether it fills a model.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from functools import partial
@@ -135,6 +138,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def _decode_meta(raw: dict) -> dict:
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return meta
+
+
+def _torch_state_dict(p: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a torch / timm file: unwrapped from 'state_dict_ema' / 'model_ema' / 'state_dict' /
+    'model', 'module.' prefixes stripped. Loaded with weights_only (argparse.Namespace allowed: the official MAE
+    training checkpoints keep their 'args' beside 'model'). `mmap`: tensors are not read until used."""
+    import argparse
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
+        if mmap:  # a legacy (pre-zip) file cannot be memory-mapped: read it whole
+            return _torch_state_dict(p, mmap=False)
+        raise CheckpointError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{p}: no state dict of tensors found")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, metadata) of a safetensors file (metadata values JSON-decoded) or a torch / timm checkpoint
     (state dict unwrapped from 'state_dict' / 'model' / 'state_dict_ema'; 'module.' prefixes stripped)."""
@@ -148,25 +183,30 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 raw = f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
-        meta = {}
-        for k, v in raw.items():
-            try:
-                meta[k] = json.loads(v)
-            except json.JSONDecodeError:
-                meta[k] = v
-        return tensors, meta
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
-        raise CheckpointError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{p}: no state dict of tensors found")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}, {}
+        return tensors, _decode_meta(raw)
+    return _torch_state_dict(p), {}
+
+
+def checkpoint_shapes(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """({key: shape}, metadata) of a checkpoint, as `read_checkpoint` would give them, without reading the
+    tensors (the safetensors header; a torch file memory-mapped). Cached per file (path, size, mtime): the
+    finetune stage asks several times before any data is read. Do not mutate the returned dicts."""
+    p = resolve_checkpoint(path)
+    st = p.stat()
+    return _checkpoint_shapes(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_shapes(path: str, size: int, mtime_ns: int) -> tuple[dict[str, tuple[int, ...]], dict]:
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, _decode_meta(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+    return {k: tuple(v.shape) for k, v in _torch_state_dict(p, mmap=True).items()}, {}
 
 
 @dataclass
@@ -177,20 +217,22 @@ class InitReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # "key: checkpoint [..] vs model [..]"
+    resampled: list[str] = field(default_factory=list)   # "pos_embed: checkpoint [..] -> model [..]" (also loaded)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
         lines = [f"init from {self.source}: {len(self.loaded)} tensors loaded"]
-        for what, keys in (("missing (left at initial values)", self.missing),
+        for what, keys in (("resampled to the model's grid (loaded)", self.resampled),
+                           ("missing (left at initial values)", self.missing),
                            ("unexpected (unused)", self.unexpected), ("shape mismatch (not loaded)", self.mismatched)):
             if keys:
-                lines.append(f"  {what}, {len(keys)}: {', '.join(_group_keys(keys))}")
+                lines.append(f"  {what}, {len(keys)}: {', '.join(group_keys(keys))}")
         return "\n".join(lines)
 
 
-def _group_keys(keys: list[str]) -> list[str]:
+def group_keys(keys: list[str]) -> list[str]:
     """'decoder_blocks.0.attn.qkv.weight', ... -> 'decoder_blocks.{0,1}.* (24)' so long lists stay readable;
     keys without a numbered block are kept whole."""
     import re
@@ -209,10 +251,30 @@ def _group_keys(keys: list[str]) -> list[str]:
     return out
 
 
-def load_init(model: nn.Module, path: str | Path) -> InitReport:
+def pos_embed_grid(model: nn.Module, key: str, shape: tuple[int, ...]) -> tuple[tuple[int, int], int] | None:
+    """((grid h, w), prefix tokens) when the checkpoint's `key` of `shape` is a learnt ViT position embedding
+    [1, prefix + g * g, D] that timm's loader would resample to `model`'s patch grid
+    (timm vision_transformer.checkpoint_filter_fn: `resample_abs_pos_embed`); None otherwise."""
+    own = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if key != "pos_embed" or not isinstance(own, torch.Tensor) or grid is None or own.dim() != 3:
+        return None
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    if len(shape) != 3 or shape[0] != 1 or shape[2] != own.shape[2] or shape[1] <= prefix:
+        return None
+    g = int(round((shape[1] - prefix) ** 0.5))
+    return (tuple(int(v) for v in grid), prefix) if g * g == shape[1] - prefix else None
+
+
+def load_init(model: nn.Module, path: str | Path, resample_pos_embed: bool = True) -> InitReport:
     """Load local weights into `model` by name; keys that do not match are listed in the report, and tensors
     whose shape differs are left out (listed as mismatched). An MAE checkpoint's encoder keys match the
-    `mae_vit` classifier's names; its decoder, mask token and (with avg pooling) final norm are unexpected."""
+    `mae_vit` classifier's names; its decoder, mask token and (with avg pooling) final norm are unexpected.
+
+    `resample_pos_embed`: a learnt ViT position embedding of another grid is resampled to the model's as timm's
+    own loader does (listed as resampled); `mae_vit` passes False: its position embedding starts as the exact
+    2-D sin-cos of its own grid. `dermfast.models.init_checkpoint` says before loading whether all the weights
+    a run needs would load."""
     p = resolve_checkpoint(path)
     tensors, _ = read_checkpoint(p)
     own = model.state_dict()
@@ -221,10 +283,15 @@ def load_init(model: nn.Module, path: str | Path) -> InitReport:
     for k, v in tensors.items():
         if k not in own:
             report.unexpected.append(k)
-        elif tuple(own[k].shape) != tuple(v.shape):
-            report.mismatched.append(f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}")
-        else:
+        elif tuple(own[k].shape) == tuple(v.shape):
             usable[k] = v
+        elif resample_pos_embed and (how := pos_embed_grid(model, k, tuple(v.shape))) is not None:
+            from timm.layers import resample_abs_pos_embed
+            usable[k] = resample_abs_pos_embed(v.float(), new_size=list(how[0]), num_prefix_tokens=how[1]
+                                               ).to(own[k].dtype)
+            report.resampled.append(f"{k}: checkpoint {list(v.shape)} -> model {list(own[k].shape)}")
+        else:
+            report.mismatched.append(f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}")
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     report.missing = [k for k in own if k not in usable]

@@ -12,6 +12,15 @@ TPR of the `--positive` class). Both best.safetensors and checkpoint.safetensors
 description (`dermfast.models.classifier.classifier_metadata`), so `python -m dermfast.evaluate` and `python -m
 dermfast.export` rebuild the model from the file alone.
 
+--init and the encoder (`--model mae_vit`): a dermfast MAE or mae_vit run carries its preset; an explicit
+`--preset` comes next; otherwise a checkpoint in the MAE / timm ViT layout (the official facebookresearch/mae
+`mae_pretrain_vit_*.pth`) shapes the encoder itself: patch size, width, depth, mlp ratio and image size are read
+off its tensors, the head count from the registered preset of that shape or a head dim of 64, and one line says
+what was inferred. Before any data is read, the run is refused (exit 2, one line: what the checkpoint is, which
+flag fits) when --init would leave any of the encoder's learnt weights (patch embedding, class token, every
+block; for a timm model everything but the head) missing or of another shape, unless `--init-partial`
+(`dermfast.models.init_checkpoint`).
+
 With no arguments: the `demo` MAE preset's ViT (64 px), from scratch, on the embedded dataset, on the CPU.
 Run directory (besides the engine's files): init_report.json (when --init is given), splits.csv,
 data_report.csv.
@@ -31,8 +40,9 @@ SELECT_METRICS = ("balanced_accuracy", "pauc", "auroc", "macro_f1", "accuracy")
 @dataclass
 class FinetuneConfig(DataConfig):
     model: str = "mae_vit"           # mae_vit (an MAE preset's encoder + head) or a timm name (vit_*, deit3_*, convnext_*, ...)
-    preset: str = "demo"             # mae_vit: the MAE preset (an MAE --init supplies its own)
-    init: str | None = None          # MAE run folder / checkpoint (encoder loads by name), or local weights (safetensors, timm .pth)
+    preset: str | None = None        # mae_vit: the MAE preset; none = --init's (its metadata, else inferred from its shapes) or demo
+    init: str | None = None          # MAE run / checkpoint (dermfast's or the official .pth), or local weights (safetensors, timm .pth)
+    init_partial: bool = False       # start even if --init leaves encoder weights unloaded (they keep their initial values)
     img_size: int | None = None      # image side; None = the MAE preset's / --init's, or the timm model's native size
     global_pool: Literal["avg", "token"] = "avg"  # mae_vit: avg (mean patch token + fc_norm, as MAE) or token (class token)
     layer_decay: float = 0.75        # layer-wise lr decay (lr * decay^(depth - layer)); 1 = off
@@ -49,6 +59,10 @@ class FinetuneConfig(DataConfig):
     warmup_epochs: float = 1.0       # linear warmup length, in epochs
     out: str = "runs/finetune"       # run directory
 
+    def __post_init__(self) -> None:
+        if self.preset is None and self.init is None:
+            self.preset = DEFAULT_PRESET  # from scratch: the preset is the only source of the shape
+
     def validate(self) -> None:
         super().validate()
         if not 0.0 < self.layer_decay <= 1.0:
@@ -60,7 +74,7 @@ class FinetuneConfig(DataConfig):
             raise ConfigError("--mixup and --cutmix are Beta-distribution alphas: >= 0 (0 = off)")
         if self.model == "mae_vit":
             from dermfast.models.mae import presets
-            if self.preset not in presets():
+            if self.preset is not None and self.preset not in presets():
                 raise ConfigError(f"unknown preset {self.preset!r}; accepted: {', '.join(presets())}")
         else:
             import timm
@@ -71,41 +85,114 @@ class FinetuneConfig(DataConfig):
             raise ConfigError(f"--init {self.init!r} does not exist")
 
 
+DEFAULT_PRESET = "demo"
+
+
+def _init_shapes(cfg: FinetuneConfig) -> tuple[dict, dict]:
+    """({key: shape}, metadata) of the --init checkpoint (both empty without --init; metadata empty for weights
+    without any). Reads headers / memory-maps only, cached per file."""
+    if cfg.init is None:
+        return {}, {}
+    from dermfast.models.classifier import CheckpointError, checkpoint_shapes
+    try:
+        return checkpoint_shapes(cfg.init)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _init_meta(cfg: FinetuneConfig) -> dict:
     """Metadata of the --init checkpoint (empty for weights without any)."""
-    if cfg.init is None:
-        return {}
-    from dermfast.models.classifier import CheckpointError, resolve_checkpoint
-    try:
-        path = resolve_checkpoint(cfg.init)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    if path.suffix != ".safetensors":
-        return {}
-    from dermfast.models.classifier import read_checkpoint
-    try:
-        return read_checkpoint(path)[1]
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    return _init_shapes(cfg)[1]
+
+
+@dataclass
+class EncoderChoice:
+    """The MAE preset the mae_vit classifier is shaped by, and where it came from."""
+    preset: dict
+    source: str                      # for messages: "--preset vit_b16", "the MAE run's preset", ...
+    inferred: object = None          # dermfast.models.init_checkpoint.InferredEncoder when read off the shapes
+
+
+def encoder_choice(cfg: FinetuneConfig) -> EncoderChoice | None:
+    """mae_vit's encoder: --init's dermfast metadata (an MAE or mae_vit run) wins; else an explicit --preset;
+    else, with an --init in the MAE / timm ViT layout, the encoder its shapes hold; else the demo preset."""
+    if cfg.model != "mae_vit":
+        return None
+    from dermfast.models.mae import get_preset
+    shapes, meta = _init_shapes(cfg)
+    if meta.get("stage") == "mae" and isinstance(meta.get("preset"), dict):
+        return EncoderChoice(meta["preset"], "the MAE run's preset")
+    if isinstance(meta.get("model"), dict) and meta["model"].get("mae_preset"):
+        return EncoderChoice(meta["model"]["mae_preset"], "the classifier's preset")
+    if cfg.preset is not None:
+        return EncoderChoice(get_preset(cfg.preset).to_dict(), f"--preset {cfg.preset}")
+    from dermfast.models.init_checkpoint import infer_encoder, is_vit_layout
+    if is_vit_layout(shapes):
+        inferred = infer_encoder(shapes)
+        return EncoderChoice(inferred.preset.to_dict(), "the encoder inferred from its shapes", inferred)
+    return EncoderChoice(get_preset(DEFAULT_PRESET).to_dict(), f"the default --preset {DEFAULT_PRESET}")
 
 
 def mae_preset_dict(cfg: FinetuneConfig) -> dict | None:
-    """The MAE preset the mae_vit classifier is shaped by: --init's (an MAE or mae_vit run), else --preset."""
-    if cfg.model != "mae_vit":
-        return None
-    meta = _init_meta(cfg)
-    if meta.get("stage") == "mae" and isinstance(meta.get("preset"), dict):
-        return meta["preset"]
-    if isinstance(meta.get("model"), dict) and meta["model"].get("mae_preset"):
-        return meta["model"]["mae_preset"]
-    from dermfast.models.mae import get_preset
-    return get_preset(cfg.preset).to_dict()
+    """The MAE preset the mae_vit classifier is shaped by (`encoder_choice`); None for a timm model."""
+    choice = encoder_choice(cfg)
+    return None if choice is None else choice.preset
 
 
 def classifier_spec(cfg: FinetuneConfig, num_classes: int):
     from dermfast.models.classifier import ClassifierSpec
     return ClassifierSpec(cfg.model, num_classes, int(cfg.img_size), mae_preset=mae_preset_dict(cfg),
                           global_pool=cfg.global_pool, drop_path=cfg.drop_path)
+
+
+def init_coverage_for(cfg: FinetuneConfig):
+    """Which of the weights the run needs from --init would load (`InitCoverage`), from shapes alone: the
+    classifier is built on the meta device (a ViT-H costs nothing) and no data is read. Needs a resolved cfg."""
+    import torch
+
+    from dermfast.models.classifier import build_classifier
+    from dermfast.models.init_checkpoint import init_coverage
+    spec = classifier_spec(cfg, 2)  # the head is never required: any class count gives the same answer
+    try:
+        with torch.device("meta"):
+            model = build_classifier(spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return init_coverage(model, spec, _init_shapes(cfg)[0])
+
+
+def init_refusal(cfg: FinetuneConfig, cov) -> str:
+    """One line: what --init is, how much of what the run needs it would fill, and which flag fits."""
+    from dermfast.models.classifier import group_keys
+    from dermfast.models.init_checkpoint import describe_checkpoint, encoder_shape, is_mae_pretraining, is_vit_layout
+    shapes, meta = _init_shapes(cfg)
+    what = describe_checkpoint(shapes, meta)
+    arch = meta.get("model", {}).get("arch") if isinstance(meta.get("model"), dict) else None
+    if cfg.model == "mae_vit":
+        choice = encoder_choice(cfg)
+        target, needs = f"{choice.source} ({encoder_shape(choice.preset)})", "encoder tensors"
+        if arch and arch != "mae_vit":
+            fix = f"give --model {arch}"
+        elif choice.source.startswith("--preset") and is_vit_layout(shapes):
+            from dermfast.models.init_checkpoint import infer_encoder
+            same = infer_encoder(shapes).same_as
+            fix = "leave out --preset to build the encoder it holds" + (f" (= --preset {same[0]})" if same else "")
+        elif not is_vit_layout(shapes) and meta.get("stage") != "mae":
+            fix = "for a timm model's weights give --model NAME (the model they were trained as)"
+        else:
+            fix = "give a checkpoint with the whole encoder"
+    else:
+        target, needs = f"--model {cfg.model}", "tensors besides its head"
+        if meta.get("stage") == "mae" or is_mae_pretraining(shapes):
+            fix = "it initialises --model mae_vit (the default)"
+        elif arch:
+            fix = f"give --model {arch}"
+        else:
+            fix = "give the --model these weights were trained as"
+    first = (cov.mismatched + group_keys(cov.missing))[0]
+    return (f"--init {cfg.init} is {what}; {target} would take {len(cov.loaded)} of the {len(cov.required)} "
+            f"{needs} it needs from it ({first}{', ...' if len(cov.mismatched) + len(cov.missing) > 1 else ''}): "
+            f"{fix}, or --init-partial to start anyway with the rest at their initial values")
 
 
 @register_stage("finetune", help="fine-tune a classifier from an MAE checkpoint or a timm model")
@@ -119,16 +206,25 @@ class FinetuneStage(Stage):
         if meta.get("stage") == "mae" and cfg.model != "mae_vit":
             raise ConfigError(f"--init {cfg.init} is an MAE checkpoint: it initialises --model mae_vit "
                               f"(its encoder), not {cfg.model!r}")
+        choice = encoder_choice(cfg)
+        if choice is not None and choice.inferred is not None and world.is_main:
+            inf = choice.inferred
+            print(f"finetune: --init {cfg.init} carries no preset: encoder inferred from its shapes: "
+                  f"{inf.describe()} ({'; '.join(inf.notes)}); --preset NAME overrides")
         if cfg.img_size is None:
             if cfg.model == "mae_vit":
-                cfg.img_size = int(mae_preset_dict(cfg)["img_size"])
+                cfg.img_size = int(choice.preset["img_size"])
             else:
                 from dermfast.models.classifier import default_img_size
                 cfg.img_size = default_img_size(cfg.model)
         if cfg.model == "mae_vit":
-            patch = int(mae_preset_dict(cfg)["patch_size"])
+            patch = int(choice.preset["patch_size"])
             if cfg.img_size % patch:
                 raise ConfigError(f"--img-size {cfg.img_size} is not a multiple of the patch size {patch}")
+        if cfg.init is not None:  # before any data is read: a run that would start from half its weights stops here
+            cov = init_coverage_for(cfg)
+            if not cov.complete and not cfg.init_partial:
+                raise ConfigError(init_refusal(cfg, cov))
         return super().resolve(cfg, world)
 
     def default_blr(self, cfg: FinetuneConfig) -> float:
@@ -140,7 +236,7 @@ class FinetuneStage(Stage):
 
         from dermfast.data.augment import Augment, classify_augment
         from dermfast.eval.metrics import default_positive
-        from dermfast.models.classifier import build_classifier, load_init
+        from dermfast.models.classifier import build_classifier, group_keys, load_init
 
         cfg: FinetuneConfig = run.cfg
         data = run.prepare_data()
@@ -160,8 +256,16 @@ class FinetuneStage(Stage):
             raise ConfigError(str(e)) from None
         self.init_report = None
         if cfg.init is not None:
-            self.init_report = load_init(model, cfg.init)
+            self.init_report = load_init(model, cfg.init, resample_pos_embed=self.spec.arch != "mae_vit")
             run.log(self.init_report.summary())
+            from dermfast.models.init_checkpoint import unloaded_required
+            short = unloaded_required(model, self.spec, self.init_report)
+            if short and not cfg.init_partial:  # resolve checked the shapes; this holds it to the real load
+                raise ConfigError(f"--init {cfg.init}: {len(short)} of the weights the run needs did not load "
+                                  f"({short[0]}, ...); see the listing above, or give --init-partial")
+            if short:
+                run.log(f"finetune: --init-partial: {len(short)} weights the run would take from --init keep their "
+                        f"initial values ({', '.join(group_keys(short)[:4])})")
             if run.is_main:
                 import json
                 path = run.run_dir / "init_report.json"
