@@ -16,7 +16,8 @@ time limit) may attach the rows it measured so far to the exception as `e.partia
 
 The harness fills two columns afterwards: `ratio_to_best_peer` (`fill_ratios`: best peer's median over ours, for
 impls named dermfast*) and `frac_of_ceiling` (`fill_ceiling_fracs`: TFLOP/s over the measured bf16 matmul
-ceiling, or GB/s over the measured device-copy ceiling; benchmarks/bench_ceilings.py measures both).
+ceiling, or GB/s over the measured device-copy ceiling; `measure_ceilings` measures both, and
+benchmarks/bench_ceilings.py is the bench file that reports them on their own).
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, median and quantiles, cache flushed between runs);
 on CPU a perf_counter loop, only to prove the harness works: CPU numbers are not performance results.
@@ -42,6 +43,7 @@ FIELDS = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "p
 TABLE_COLS = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "tflops", "gbps",
               "frac_of_ceiling", "ratio_to_best_peer", "peak_mib", "status"]
 CPU_WARNING = "note: no GPU here; CPU numbers are not performance results"
+CEILINGS_BENCH = "ceilings"  # the `bench` of the two ceiling rows (`measure_ceilings`)
 
 
 def on_gpu() -> bool:
@@ -155,14 +157,14 @@ def fill_ratios(rows: list[dict], ours_prefix: str = "dermfast") -> list[dict]:
 def fill_ceiling_fracs(rows: list[dict], ceilings: dict | None) -> list[dict]:
     """frac_of_ceiling = TFLOP/s / measured matmul ceiling, else GB/s / measured copy ceiling.
 
-    `ceilings`: {"matmul_tflops": float, "copy_gbps": float} (benchmarks/bench_ceilings.py `measure`); rows of
+    `ceilings`: {"matmul_tflops": float, "copy_gbps": float} (`measure_ceilings`); rows of
     the ceilings themselves are left blank.
     """
     if not ceilings:
         return rows
     mm, cp = ceilings.get("matmul_tflops"), ceilings.get("copy_gbps")
     for r in rows:
-        if r.get("bench") == "ceilings" or r.get("status") != "ok":
+        if r.get("bench") == CEILINGS_BENCH or r.get("status") != "ok":
             continue
         if r.get("tflops") and mm:
             r["frac_of_ceiling"] = f"{float(r['tflops']) / mm:.3f}"
@@ -265,10 +267,45 @@ def markdown_table(rows: list[dict], cols: Iterable[str] | None = None) -> str:
 
 
 def measure_ceilings(quick: bool = False) -> tuple[dict, list[dict]]:
-    """The two ceilings (benchmarks/bench_ceilings.py): ({matmul_tflops, copy_gbps}, their rows)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import bench_ceilings  # noqa: E402  (a sibling file; benchmarks/ is not a package)
-    return bench_ceilings.measure(quick)
+    """The two ceilings every other number is read against, measured in the same run on the present device:
+    ({"matmul_tflops", "copy_gbps"}, their two rows, bench "ceilings").
+
+    - bf16 matmul, 8192 x 8192 x 8192, random normal data (never zeros: a product on zeros ran 13 % faster on an
+      H200 here), through torch.matmul (cuBLAS): the compute ceiling for TFLOP/s rows.
+    - device-to-device copy of 2 GiB (`Tensor.copy_`), counting bytes read + bytes written: the memory ceiling
+      for GB/s rows. Both are far larger than L2, and do_bench flushes the cache between runs.
+
+    On a CPU (only to prove the harness) the shapes are tiny and fp32: CPU numbers are not performance results.
+    Here, not in bench_ceilings.py, because `main` below measures them before any bench file's rows: the bench
+    files import this module, never the other way round.
+    """
+    gpu = on_gpu()
+    device = torch.device("cuda" if gpu else "cpu")
+    n = 8192 if gpu else (256 if quick else 1024)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    t_mm = time_fn(lambda: torch.matmul(a, b, out=c), warmup=5 if gpu else 2, rep=40 if gpu else 10)
+    flops = 2.0 * n ** 3
+    del a, b, c
+
+    nbytes = (2 << 30) if gpu else ((8 << 20) if quick else (64 << 20))
+    src = torch.randn(nbytes // 4, device=device, dtype=torch.float32, generator=g)
+    dst = torch.empty_like(src)
+    t_cp = time_fn(lambda: dst.copy_(src), warmup=5 if gpu else 2, rep=40 if gpu else 10)
+    del src, dst
+    if gpu:
+        torch.cuda.empty_cache()
+
+    note = "" if gpu else "CPU: not a performance result"
+    rows = [row(CEILINGS_BENCH, "matmul ceiling", f"{n}x{n}x{n}", dtype, "torch.matmul", "fwd", t_mm, flops=flops,
+                note=note),
+            row(CEILINGS_BENCH, "copy ceiling", f"{nbytes / 2**20:.0f} MiB", torch.float32, "Tensor.copy_", "fwd",
+                t_cp, bytes_=2.0 * nbytes, note=note)]
+    ceilings = {"matmul_tflops": flops / t_mm["median_ms"] / 1e9, "copy_gbps": 2.0 * nbytes / t_cp["median_ms"] / 1e6}
+    return ceilings, rows
 
 
 def main(run: Callable[[bool], list[dict]], argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
     python -m dermfast.bench [--quick] [--only NAME ...] [--out FILE] [--list] [--dir DIR] [--no-ceilings]
                              [--budget-s S]
 
-Order of a run: the two ceilings first (benchmarks/bench_ceilings.py: bf16 matmul 8192^3 and a 2 GiB device
-copy, on the device present), then each module's `run(quick)`. Every row is then read against its best peer
+Order of a run: the two ceilings first (`_common.measure_ceilings`, rows of bench "ceilings", as
+benchmarks/bench_ceilings.py reports them: bf16 matmul 8192^3 and a 2 GiB device copy, on the device present),
+then each module's `run(quick)`. Every row is then read against its best peer
 (`ratio_to_best_peer`) and against the measured ceiling (`frac_of_ceiling`). A module that fails to import,
 raises, or returns malformed rows becomes an error row and the others still run; the exit status is 1 when any
 row is an error. A file without `run` is listed as skipped (it is a standalone script, not a harness bench).
@@ -254,15 +255,14 @@ def _run_all(args, found: dict[str, Path], names: list[str], common: ModuleType,
     modules: dict[str, ModuleType] = {}
     stopped = ""
     try:
-        if not args.no_ceilings and CEILINGS in found:
+        if not args.no_ceilings:
             print("measuring ceilings ...", file=sys.stderr, flush=True)
             try:
-                mod = _load(found[CEILINGS], f"bench_{CEILINGS}")
-                ceilings, ceiling_rows = mod.measure(args.quick)
+                ceilings, ceiling_rows = common.measure_ceilings(args.quick)
                 rows += ceiling_rows
             except Exception as e:  # noqa: BLE001  (reported as a row; the other benches still run)
                 traceback.print_exc()
-                rows.append(common.error_row(CEILINGS, f"measure() raised {_why(e)}"))
+                rows.append(common.error_row(CEILINGS, f"measure_ceilings() raised {_why(e)}"))
             _free_device()
         for i, name in enumerate(names):
             if args.budget_s is not None and time.perf_counter() - start > args.budget_s:

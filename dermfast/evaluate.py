@@ -58,7 +58,7 @@ def require_sklearn(stage: str) -> None:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        from dermfast.train.config import ConfigError
+        from dermfast.errors import ConfigError
         raise ConfigError(f"--stage {stage} needs scikit-learn for its validation metrics: "
                           "pip install 'dermfast[eval]'") from None
 
@@ -120,10 +120,10 @@ def own_split(checkpoint: Path, split: str = "test", progress: bool = False) -> 
 
 
 def data_records(path: str, progress: bool = False) -> tuple[ImageRecords, str]:
-    from dermfast.data.records import open_dataset
+    from dermfast.data.adapters import open_any
     from dermfast.data.toy import default_cache_dir
     from dermfast.data.validate import validate_records
-    records = open_dataset(path)
+    records = open_any(path)
     records, report = validate_records(records, cache_dir=default_cache_dir() / "validate", progress=progress)
     if report.n_skipped:
         print(f"evaluate: {report.summary()}", file=sys.stderr)
@@ -211,8 +211,8 @@ def _report(out: Path, metrics, member_metrics, classes, y, probs, records, memb
 
 def evaluate(args) -> dict:
     from dermfast.data.loader import build_loader
+    from dermfast.device import resolve_device
     from dermfast.eval import metrics as M
-    from dermfast.train.engine import resolve_device
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as e:

@@ -11,14 +11,13 @@ against DATA's images (dermfast.synth.fid). Bad input: one line on stderr, exit 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import sys
 import time
 from pathlib import Path
 
-MANIFEST_COLUMNS = ("image", "label", "sampler", "steps", "guidance", "seed", "checkpoint")
+from dermfast.synth.manifest import read_manifest, write_manifest
 
 
 class UsageError(ValueError):
@@ -56,23 +55,6 @@ def image_seed(base: int, class_index: int, j: int) -> int:
     return base * 1_000_000_000 + class_index * 10_000_000 + j
 
 
-def read_manifest(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        return {r["image"]: r for r in csv.DictReader(f) if r.get("image")}
-
-
-def write_manifest(path: Path, rows: dict[str, dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for name in sorted(rows):
-            w.writerow(rows[name])
-    os.replace(tmp, path)
-
-
 def quotas(args, classes: list[str]) -> list[int]:
     if args.per_class is not None:
         if args.per_class < 1:
@@ -80,9 +62,10 @@ def quotas(args, classes: list[str]) -> list[int]:
         return [args.per_class] * len(classes)
     if args.balance_to is None:
         raise UsageError("give --per-class N or --balance-to DATA")
-    from dermfast.data.records import DatasetError, open_dataset
+    from dermfast.data.adapters import open_any
+    from dermfast.data.records import DatasetError
     try:
-        rec = open_dataset(args.balance_to)
+        rec = open_any(args.balance_to)
     except DatasetError as e:
         raise UsageError(f"--balance-to: {e}") from None
     counts = rec.class_counts()
@@ -96,19 +79,6 @@ def quotas(args, classes: list[str]) -> list[int]:
     return [top - counts.get(c, 0) for c in classes]
 
 
-def resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return dev
-
-
 def synthesize(args) -> dict:
     import contextlib
 
@@ -116,6 +86,7 @@ def synthesize(args) -> dict:
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from dermfast.device import resolve_device
     from dermfast.synth.models import load_bundle, latent_size
     from dermfast.synth.sample import SAMPLERS, sample_images, save_grid, to_uint8
 
@@ -132,7 +103,10 @@ def synthesize(args) -> dict:
         raise UsageError(f"checkpoint {args.checkpoint!r} holds a VAE only (its run never trained the denoiser)")
     classes = bundle.classes
     want = quotas(args, classes)
-    dev = resolve_device(args.device)
+    try:
+        dev = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"bad --device {args.device!r}: {e}") from None
     bf16 = dev.type == "cuda" and args.precision != "fp32"
     out = Path(args.out).expanduser()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -186,13 +160,17 @@ def synthesize(args) -> dict:
           f"{result['images_per_s'] or 0:.2f} images/s ({'bf16' if bf16 else 'fp32'}, {dev}); "
           f"{out / 'manifest.csv'}, {out / 'grid.png'}")
     if args.fid_against:
+        from dermfast.data.adapters import open_any
         from dermfast.synth.fid import fid_report
         spec = args.fid_features or bundle.meta.get("perceptual_spec")
         if not spec or not spec.startswith(("mae:", "inception:")):
             raise UsageError("--fid-against needs --fid-features mae:RUN or inception:PATH (no feature net is "
                              "downloaded, and the run had no MAE perceptual encoder to reuse)")
-        result["fid"] = fid_report(out, args.fid_against, spec, dev, bundle.img_size, classes,
-                                   progress=not args.no_progress)
+        try:
+            real = open_any(args.fid_against)
+        except ValueError as e:
+            raise UsageError(f"--fid-against: {e}") from None
+        result["fid"] = fid_report(out, real, spec, dev, bundle.img_size, classes)
     return result
 
 

@@ -43,8 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermfast.data.records import (IMAGE_EXTENSIONS, DatasetError, ImageRecords, _find_image,
-                                   read_image_folder)
+from dermfast.data.records import IMAGE_EXTENSIONS, DatasetError, ImageRecords
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DERMAMNIST_CLASSES = HAM_CLASSES  # MedMNIST DermaMNIST labels 0..6 follow the same (alphabetical) order
@@ -172,15 +171,38 @@ def _int(value):
         return None
 
 
+def _find_image(images_dir: Path, stem: str) -> Path | None:
+    p = images_dir / stem
+    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+        return p
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (images_dir / f"{stem}{ext}", images_dir / f"{stem}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- readers
 def read_folder(root) -> ImageRecords:
     """root/<class>/*.jpg, or a flat folder of images (unlabelled, classes [])."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory")
-    rec = read_image_folder(root)
-    rec.missing = []  # type: ignore[attr-defined]
-    return rec
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes, paths, labels = [], [], []
+    for d in subdirs:
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if files:
+            classes.append(d.name)
+            paths += [str(p) for p in files]
+            labels += [len(classes) - 1] * len(files)
+    if paths:
+        return ImageRecords(paths, np.array(labels), classes, root=str(root))
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DatasetError(f"{root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files, "
+                           f"in class subfolders or at the top level, or a labels.csv)")
+    return ImageRecords([str(p) for p in files], np.full(len(files), -1), [], root=str(root))
 
 
 def read_csv(root, csv_name: str = "labels.csv", classes=None) -> ImageRecords:

@@ -92,7 +92,7 @@ import torch
 
 from dermfast._optional import DALI_REASON, HAS_DALI
 from dermfast.data.augment import Augment, image_size, sample_train_params
-from dermfast.data.loader import EpochPlan, cores_per_rank
+from dermfast.data.loader_base import EpochPlan, cores_per_rank
 from dermfast.data.records import ImageRecords
 
 DALI_INSTALL_HINT = "uv pip install nvidia-dali-cuda130"

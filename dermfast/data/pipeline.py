@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dermfast.data.records import DatasetError, ImageRecords, open_dataset
+from dermfast.data.adapters import open_any, read_csv
+from dermfast.data.records import DatasetError, ImageRecords
 
 
 @dataclass
@@ -31,7 +32,6 @@ class PreparedData:
 
 def read_synthetic(path: str | Path, classes: list[str]) -> ImageRecords:
     """A synthesis output folder (manifest.csv + images/) as records with source = 1."""
-    from dermfast.data.adapters import read_csv
     root = Path(path).expanduser()
     if not (root / "manifest.csv").is_file():
         raise DatasetError(f"synthetic data {str(path)!r} has no manifest.csv (the synthesis stage writes one)")
@@ -61,11 +61,10 @@ def open_records(data: str | None, *, toy_images: int = 1200, toy_image_size: in
                  progress: bool = True) -> ImageRecords:
     """`data` None: the embedded procedural dataset (generated once into the cache); else any adapter format."""
     if data is None:
-        from dermfast.data.adapters import read_csv
         from dermfast.data.toy import generate_toy_dataset
         return read_csv(generate_toy_dataset(n_images=toy_images, image_size=toy_image_size, seed=0,
                                              progress=progress))
-    return open_dataset(data)
+    return open_any(data)
 
 
 def prepare_data(data: str | None, run_dir: Path, *, synthetic: str | None = None, seed: int = 0,

@@ -3,13 +3,15 @@
 `ImageRecords` holds file paths (or keys into a `store` of encoded images, e.g. an HDF5 file), integer labels
 (-1 = unlabelled), the class names, a source flag per image (0 real, 1 synthetic), and optional groups
 (e.g. HAM10000 lesion_id, so a split never puts one lesion on both sides). Loaders read encoded bytes through
-`read_bytes(i)` and decode themselves (PIL, or DALI's decoder), so files and stores look the same to them. `open_dataset(path)` recognises the layouts dermfast reads and raises `DatasetError`
-(a one-line message) for a path that does not exist or holds no images.
+`read_bytes(i)` and decode themselves (PIL, or DALI's decoder), so files and stores look the same to them.
+
+This module is the bottom of dermfast.data: it imports no other dermfast module. Reading a dataset from disk
+(`dermfast.data.adapters.open_any`, which raises `DatasetError` for a path that does not exist or holds no
+images) sits above it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -62,43 +64,3 @@ class ImageRecords:
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts)}
-
-
-def _find_image(images_dir: Path, stem: str) -> Path | None:
-    p = images_dir / stem
-    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-        return p
-    for ext in IMAGE_EXTENSIONS:
-        for cand in (images_dir / f"{stem}{ext}", images_dir / f"{stem}{ext.upper()}"):
-            if cand.is_file():
-                return cand
-    return None
-
-
-def read_image_folder(root: Path) -> ImageRecords:
-    """Class per subfolder (root/<class>/*.jpg), or a flat folder of images (unlabelled)."""
-    root = Path(root)
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    classes, paths, labels = [], [], []
-    for d in subdirs:
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if files:
-            classes.append(d.name)
-            paths += [str(p) for p in files]
-            labels += [len(classes) - 1] * len(files)
-    if paths:
-        return ImageRecords(paths, np.array(labels), classes, root=str(root))
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise DatasetError(f"{root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files, "
-                           f"in class subfolders or at the top level, or a labels.csv)")
-    return ImageRecords([str(p) for p in files], np.full(len(files), -1), [], root=str(root))
-
-
-def open_dataset(path: str | Path, format: str = "auto") -> ImageRecords:
-    """Recognise a dataset layout at `path` (see `dermfast.data.adapters.open_any`) and read it."""
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DatasetError(f"data path {str(path)!r} does not exist")
-    from dermfast.data.adapters import open_any
-    return open_any(root, format=format)

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dermfast.data.augment import Augment, sample_train_params
-from dermfast.data.loader import EpochPlan, cores_per_rank
+from dermfast.data.loader_base import EpochPlan, cores_per_rank
 from dermfast.data.records import ImageRecords
 
 

@@ -30,12 +30,12 @@ torch.compile(fullgraph=True) traces through it.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from dermfast.ops._device import on_device
 from dermfast.ops.registry import Query, all_of, define_op, dtype_in, needs_cuda_ext, needs_triton_device
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -161,18 +161,13 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the *current* CUDA device: make it t's (t on cuda:1 while cuda:0 is current)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _triton_fwd(s, t, target, class_weight, temperature, alpha, reduction, write_grad):
     from dermfast.kernels import kd_loss as kern
     N, C = s.shape
     kd_ls, kd_gs, ce_scale = _scales(N, temperature, alpha, target is not None, class_weight is not None, reduction)
     if t.dtype not in _FUSED_DTYPES:
         t = t.float()
-    with _on_device(s):
+    with on_device(s):
         rows, grad = kern.launch(s, t, target, class_weight, _weight_sum(target, class_weight, C, reduction),
                                  inv_t=1.0 / float(temperature), kd_loss_scale=kd_ls, kd_grad_scale=kd_gs,
                                  ce_scale=ce_scale, write_grad=write_grad)

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from dermfast.ops._device import on_device
 from dermfast.ops.registry import Query, all_of, define_op, dtype_in, needs_cuda_ext, needs_triton_device
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -197,22 +198,17 @@ mae_loss_backward_op.register("torch")(mae_loss_backward_ref)
 # ------------------------------------------------------------------------------------------------ triton
 
 
-def _on_device(t: torch.Tensor):
-    import contextlib
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 @mae_loss_op.register("triton", _TRITON_OK)
 def _triton_fwd(imgs, pred, mask, patch, norm_pix=True, eps=1e-6):
     from dermfast.kernels import mae_loss as kernel
-    with _on_device(pred):
+    with on_device(pred):
         return kernel.mae_loss_fwd(imgs, pred, mask, patch, norm_pix, eps)
 
 
 @mae_loss_backward_op.register("triton", _TRITON_OK)
 def _triton_bwd(grad, imgs, pred, mask, patch, norm_pix=True, eps=1e-6):
     from dermfast.kernels import mae_loss as kernel
-    with _on_device(pred):
+    with on_device(pred):
         return kernel.mae_loss_bwd(grad, imgs, pred, mask, patch, norm_pix, eps)
 
 

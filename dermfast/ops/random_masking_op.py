@@ -20,11 +20,11 @@ device-to-host copy (the output size depends on its values).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional
 
 import torch
 
+from dermfast.ops._device import on_device
 from dermfast.ops.registry import Query, all_of, define_op, dtype_in, needs_cuda_ext, needs_triton_device
 
 _M32 = 0xFFFFFFFF
@@ -181,20 +181,15 @@ def _bwd_torch(g, ids_restore, cu, need_x, need_pos):
     return (gx if need_x else g.new_empty(0)), gp
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the *current* CUDA device: make it t's (t on cuda:1 while cuda:0 is current)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _fwd_triton(x, pos, cu, total, h_step, sample_offset, mask_dtype):
     from dermfast.kernels import random_masking as k
-    with _on_device(x):
+    with on_device(x):
         return k.masking_fwd(x, pos, cu, total, h_step, sample_offset, mask_dtype)
 
 
 def _bwd_triton(g, ids_restore, cu, need_x, need_pos):
     from dermfast.kernels import random_masking as k
-    with _on_device(g):
+    with on_device(g):
         return k.masking_bwd(g, ids_restore, cu, need_x, need_pos)
 
 
@@ -265,7 +260,9 @@ def _cu_seqlens(B: int, L: int, ratio: float, ratios: torch.Tensor | None, devic
     k = keep_counts(L, r)
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(k, 0).to(torch.int32)
-    return cu.to(device), int(cu[-1])
+    if torch.device(device).type == "cuda":  # an asynchronous copy from pinned memory: no stream sync
+        cu = cu.pin_memory()
+    return cu.to(device, non_blocking=True), int(cu[-1])
 
 
 @torch.library.custom_op("dermfast::random_masking", mutates_args=())

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dermfast.data.records import ImageRecords
+from dermfast.synth.manifest import read_manifest
+
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """a [N, D], b [M, D] float features -> FID (float64; scipy sqrtm, the imaginary round-off dropped)."""
@@ -47,17 +50,13 @@ def features(net, blobs, size: int, device, batch: int = 64) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 
-def fid_report(synth_dir, data: str, spec: str, device, img_size: int, classes: list[str],
-               progress: bool = True) -> dict:
-    """Prints and returns {"features": ..., "overall": fid, "per_class": {class: fid}}; writes DIR/fid.json."""
-    from dermfast.data.records import open_dataset
+def fid_report(synth_dir, real: ImageRecords, spec: str, device, img_size: int, classes: list[str]) -> dict:
+    """FID of the synthesis output `synth_dir` (manifest.csv + images/) against the `real` records.
+
+    Prints and returns {"features": ..., "overall": fid, "per_class": {class: fid}}; writes DIR/fid.json.
+    """
     from dermfast.synth.features import describe, load_feature_net
-    from dermfast.synthesize import UsageError, read_manifest
     synth_dir = Path(synth_dir)
-    try:
-        real = open_dataset(data)
-    except ValueError as e:
-        raise UsageError(f"--fid-against: {e}") from None
     net = load_feature_net(spec, pooled=True, device=device)
     real_labels = [real.classes[l] if l >= 0 else None for l in real.labels]
     f_real = features(net, [real.read_bytes(i) for i in range(len(real))], img_size, device)

@@ -24,9 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config value or file: reported as one line by the CLI (exit code 2)."""
+from dermfast.errors import ConfigError  # defined below dermfast.train so that tools outside it can raise it
 
 
 @dataclass
