@@ -306,3 +306,16 @@ def test_every_checkpoint_write_is_followed_by_a_barrier(tmp_path, monkeypatch):
     written = len(ckpt.list_checkpoints(out))
     assert written >= 3
     assert seen[1:] == list(range(1, written + 1))  # the start-up barrier, then one after each write
+
+
+def test_log_shows_the_base_lr_not_a_layer_decayed_group(tmp_path, monkeypatch):
+    from dermfast.train.optim import param_groups as default_groups
+    assert toy(tmp_path, "plain")[0] == 0
+
+    def decayed(self, model, cfg):
+        return [{**g, "lr_scale": 0.25} for g in default_groups(model, cfg.weight_decay)]
+
+    monkeypatch.setattr(ToyStage, "param_groups", decayed)
+    assert toy(tmp_path, "decayed")[0] == 0
+    plain, dec = rows(tmp_path / "plain" / "log.csv"), rows(tmp_path / "decayed" / "log.csv")
+    assert [r["lr"] for r in dec] == [r["lr"] for r in plain] and float(dec[5]["lr"]) > 0

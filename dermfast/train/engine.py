@@ -383,7 +383,8 @@ class _Trainer:
             bad = dist.all_reduce_(bad, "max")
         if cfg.clip_grad is not None:
             clip_grads_(params, cfg.clip_grad, norm)
-        set_lr(self.opt, warmup_cosine(r.step, self.total, self.warmup, cfg.lr, cfg.min_lr))
+        self.base_lr = warmup_cosine(r.step, self.total, self.warmup, cfg.lr, cfg.min_lr)
+        set_lr(self.opt, self.base_lr)  # each group gets base lr x its lr_scale (layer decay)
         applied = True
         if self.host_skip_reason is None:
             self.opt.found_inf = bad  # fused AdamW leaves every parameter and its state alone when this is 1
@@ -443,7 +444,7 @@ class _Trainer:
             mem = f"{torch.cuda.max_memory_allocated(r.device) / 2**30:.2f}"
             torch.cuda.reset_peak_memory_stats(r.device)
         row = {"epoch": r.epoch, "step": r.step, "loss": f"{loss:.6g}" if n_running else "",
-               "lr": f"{self.opt.param_groups[0]['lr']:.4g}", "grad_norm": f"{norm:.4g}",
+               "lr": f"{self.base_lr:.4g}", "grad_norm": f"{norm:.4g}",
                "images_per_s": f"{ips:.1f}", "data_wait": f"{interval['wait'] / dt:.3f}", "gpu_mem_gib": mem,
                "skipped": self.skipped, "elapsed_s": f"{time.perf_counter() - self.t0:.1f}"}
         row.update({k: fmt(v) for k, v in zip(scalars, vals[3:])})

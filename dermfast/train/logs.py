@@ -1,7 +1,8 @@
 """What a person reads during and after a run: the progress bar, log.csv, eval.csv, TensorBoard scalars.
 
 log.csv (always): one row every --log-every optimiser steps: epoch, step, loss (mean over the interval),
-lr, grad_norm (before clipping), images_per_s, data_wait (fraction of the interval spent blocked on the
+lr (the schedule's base lr at the row's last step; a layer-decayed group runs at base lr x its lr_scale),
+grad_norm (before clipping), images_per_s, data_wait (fraction of the interval spent blocked on the
 loader), gpu_mem_gib (peak allocated in the interval; empty on CPU), skipped (non-finite steps so far),
 elapsed_s, then the stage's own scalars. eval.csv: one row per evaluation (step, epoch, metrics).
 TensorBoard (RUN/tensorboard/) when `tensorboard` is installed; the run says when it is not.
