@@ -236,6 +236,12 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
             "isic2024": ["h5py>=3"],  # the ISIC 2024 (SLICE-3D) HDF5 of JPEG bytes
             # metrics, the HTML report, ONNX export + parity (onnxscript: torch.onnx's dynamo exporter)
             "eval": ["scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.2"],
+            "tensorboard": ["tensorboard>=2.14"],  # RUN/tensorboard/ (torch.utils.tensorboard's SummaryWriter)
+            # everything the README uses but DALI (pick dali or dali-cuda12 for your CUDA): eval + synth + isic2024
+            # + tensorboard
+            "all": ["scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.2",
+                    "diffusers>=0.30", "peft>=0.10", "transformers>=4.40", "scipy>=1.10", "h5py>=3",
+                    "tensorboard>=2.14"],
             # kernels: Hugging Face's package of that name (transformers imports it); installed so that the test
             # that nothing at the repository root shadows it always runs
             "test": ["pytest>=7", "numba>=0.58", "kernels", "h5py>=3", "scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15",

@@ -37,7 +37,15 @@ from typing import Callable, Iterable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results"   # the committed GPU results (benchmarks/run_gpu.sh: --out RESULTS)
+DEFAULT_OUT = Path("runs") / "bench"             # default results folder, under the working directory (runs/ is
+                                                 # where training runs go, and git ignores it): a checkout stays clean
+CONSOLE_WIDTH = 120                              # the printed table fits this many columns
+CONSOLE_HEADERS = {"frac_of_ceiling": "of_ceil", "ratio_to_best_peer": "vs_peer"}  # short console names
+CONSOLE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+# the console's columns: tflops and gbps (a row has one at most) share one column, "12.3 TFLOP/s" or "456 GB/s"
+CONSOLE_COLS = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "throughput", "frac_of_ceiling",
+                "ratio_to_best_peer", "peak_mib", "status"]
 FIELDS = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
           "peak_mib", "ratio_to_best_peer", "frac_of_ceiling", "status", "note"]
 TABLE_COLS = ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "tflops", "gbps",
@@ -211,14 +219,25 @@ def device_slug(env: dict) -> str:
     return "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
 
 
+def results_path(out: Path | str | None, env: dict) -> Path:
+    """Where the rows go: `out` itself when it names a .csv file; else <out>/<device>-<date>.csv, `out` a folder
+    (default DEFAULT_OUT, runs/bench/ under the working directory; pass RESULTS, benchmarks/results, to add to
+    the committed results as benchmarks/run_gpu.sh does)."""
+    name = f"{device_slug(env)}-{env['date']}.csv"
+    if out is None:
+        return DEFAULT_OUT / name
+    out = Path(out).expanduser()
+    return out if out.suffix.lower() == ".csv" and not out.is_dir() else out / name
+
+
 def write_rows(rows: list[dict], out: Path | None = None, env: dict | None = None) -> Path:
-    """Append rows (with the environment) to benchmarks/results/<device>-<date>.csv or `out`.
+    """Append rows (with the environment) to `results_path(out)`: runs/bench/<device>-<date>.csv by default.
 
     Columns are the union of the file's existing header and the new rows' keys: when they differ the file is
     rewritten with the wider header, so rows from earlier runs stay aligned with their columns.
     """
     env = env or environment()
-    out = Path(out) if out else RESULTS / f"{device_slug(env)}-{env['date']}.csv"
+    out = results_path(out, env)
     out.parent.mkdir(parents=True, exist_ok=True)
     new_rows = [{**r, **env} for r in rows]
     old_rows: list[dict] = []
@@ -244,19 +263,77 @@ def write_rows(rows: list[dict], out: Path | None = None, env: dict | None = Non
 
 
 def _cell(r: dict, c: str, width: int | None = None) -> str:
-    s = str(r.get(c, "") if r.get(c) is not None else "")
+    if c == "throughput" and "throughput" not in r:
+        s = f"{r['tflops']} TFLOP/s" if r.get("tflops") else f"{r['gbps']} GB/s" if r.get("gbps") else ""
+    else:
+        s = str(r.get(c, "") if r.get(c) is not None else "")
     return s if width is None or len(s) <= width else s[: width - 3] + "..."
 
 
-def format_table(rows: list[dict], cols: Iterable[str] | None = None, max_width: int = 60) -> str:
-    """Plain-text table of `cols` (default TABLE_COLS); cells longer than max_width are cut."""
-    cols = list(cols or TABLE_COLS)
+def format_table(rows: list[dict], cols: Iterable[str] | None = None, max_width: int = 60,
+                 width: int | None = CONSOLE_WIDTH) -> str:
+    """Plain-text table of `cols`.
+
+    width=None: TABLE_COLS by default, one line per row, cells longer than max_width cut with "...". With
+    `width` (the console's 120): CONSOLE_COLS by default (short headers CONSOLE_HEADERS, dtypes as fp32 / bf16),
+    columns empty in every row left out (the CSV keeps them), and every line fits `width`: a last-column cell
+    (the status) longer than a short word goes on its own indented lines under its row, the other columns are
+    narrowed (widest first, never below their header) when they do not fit, and a cell wider than its column
+    wraps onto the next lines of its row. Nothing is cut."""
+    import textwrap
     if not rows:
         return ""
-    widths = {c: max(len(c), *(len(_cell(r, c, max_width)) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(_cell(r, c, max_width).ljust(widths[c]) for c in cols).rstrip() for r in rows]
+    if width is None:
+        cols = list(cols or TABLE_COLS)
+        cells = [{c: _cell(r, c, max_width) for c in cols} for r in rows]
+        heads = {c: c for c in cols}
+    else:
+        cols = list(cols or CONSOLE_COLS)
+        cells = [{c: CONSOLE_DTYPES.get(_cell(r, c), _cell(r, c)) if c == "dtype" else _cell(r, c) for c in cols}
+                 for r in rows]
+        cols = [c for c in cols if any(x[c] for x in cells)] or cols
+        heads = {c: CONSOLE_HEADERS.get(c, c) for c in cols}
+    last = cols[-1]
+    short = max(len(heads[last]), 8) if width is not None else None  # a longer status: its own lines
+    widths = {c: max([len(heads[c]), *(len(x[c]) for x in cells if c != last or short is None or len(x[c]) <= short)])
+              for c in cols}
+    if width is not None:
+        for c in cols[:-1]:
+            widths[c] = min(widths[c], max(len(heads[c]), 24))
+        while sum(widths.values()) + 2 * (len(cols) - 1) > width:
+            c = max((c for c in cols if widths[c] > len(heads[c])), key=lambda c: widths[c], default=None)
+            if c is None:
+                break
+            widths[c] -= 1
+    lines = ["  ".join(heads[c].ljust(widths[c]) for c in cols).rstrip()]
+    for x in cells:
+        own = width is not None and len(x[last]) > short
+        parts = {c: ([""] if c == last and own else textwrap.wrap(x[c], widths[c], break_on_hyphens=False) or [""])
+                 for c in cols}
+        for i in range(max(len(p) for p in parts.values())):
+            lines.append("  ".join((parts[c][i] if i < len(parts[c]) else "").ljust(widths[c])
+                                   for c in cols).rstrip())
+        if own:
+            lines += textwrap.wrap(x[last], width, initial_indent="    ", subsequent_indent="      ",
+                                   break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def fit_lines(text: str, width: int = CONSOLE_WIDTH) -> str:
+    """Text for the console, every line at most `width` columns: a markdown table row is cut (the .md file
+    has it whole), other lines wrap with a two-space indent."""
+    import textwrap
+    out = []
+    for line in text.splitlines():
+        if len(line) <= width:
+            out.append(line)
+        elif line.lstrip().startswith("|"):
+            out.append(line[: width - 3] + "...")
+        else:
+            lead = line[: len(line) - len(line.lstrip())]
+            out += textwrap.wrap(line, width, initial_indent="", subsequent_indent=lead + "  ",
+                                 break_on_hyphens=False, break_long_words=True) or [""]
+    return "\n".join(out)
 
 
 def markdown_table(rows: list[dict], cols: Iterable[str] | None = None) -> str:
@@ -316,7 +393,9 @@ def main(run: Callable[[bool], list[dict]], argv: list[str] | None = None) -> in
     import argparse
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny shapes: proves the harness, not a result")
-    p.add_argument("--out", type=Path, help="results CSV (default benchmarks/results/<device>-<date>.csv)")
+    p.add_argument("--out", type=Path, help=f"results folder (default {DEFAULT_OUT}/, the file <device>-<date>.csv "
+                                            f"in it) or a .csv file; --out {RESULTS.parent.name}/{RESULTS.name} "
+                                            "adds to the committed results")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the matmul and copy ceilings")
     args = p.parse_args(argv)
     ceilings, ceiling_rows = ({}, [])
@@ -326,7 +405,7 @@ def main(run: Callable[[bool], list[dict]], argv: list[str] | None = None) -> in
     print(format_table(rows))
     summary = getattr(sys.modules.get(getattr(run, "__module__", "")), "summary", None)
     if callable(summary):
-        print("\n" + summary(rows).rstrip())
+        print("\n" + fit_lines(summary(rows).rstrip()))
     if not on_gpu():
         print(CPU_WARNING, file=sys.stderr)
     print(f"wrote {write_rows(rows, args.out)}")

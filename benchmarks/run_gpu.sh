@@ -87,9 +87,11 @@ if [ "$run_tests" = 1 ]; then
   [ "$test_rc" = 124 ] && stamp "tests hit the ${TEST_TIMEOUT} s limit (see tests.log for how far they got)"
 fi
 
-# 4. the whole bench: ceilings first, then every benchmarks/bench_*.py
+# 4. the whole bench: ceilings first, then every benchmarks/bench_*.py; --out benchmarks/results: GPU results are
+#    committed (dermfast.bench writes under runs/bench/ by default, so an ordinary run leaves the checkout clean)
 stamp "bench (budget ${BENCH_BUDGET} s, hard limit ${BENCH_TIMEOUT} s)"
-timeout -s TERM -k 20 "$BENCH_TIMEOUT" $PY -m dermfast.bench --budget-s "$BENCH_BUDGET" "${bench_args[@]}" \
+timeout -s TERM -k 20 "$BENCH_TIMEOUT" $PY -m dermfast.bench --budget-s "$BENCH_BUDGET" --out benchmarks/results \
+  "${bench_args[@]}" \
   > "$OUT/bench.log" 2>&1
 bench_rc=$?
 for f in benchmarks/results/*-"$(date +%F)".csv benchmarks/results/*-"$(date +%F)".md; do

@@ -1,6 +1,6 @@
 """`python -m dermfast.bench`: every benchmarks/bench_<name>.py in one run, one table, one results file.
 
-    python -m dermfast.bench [--quick] [--only NAME ...] [--out FILE] [--list] [--dir DIR] [--no-ceilings]
+    python -m dermfast.bench [--quick] [--only NAME ...] [--out DIR|FILE.csv] [--list] [--dir DIR] [--no-ceilings]
                              [--budget-s S]
 
 Order of a run: the two ceilings first (`_common.measure_ceilings`, rows of bench "ceilings", as
@@ -15,10 +15,15 @@ Time limits: `--budget-s` starts no module past that many seconds (the rest are 
 (what `timeout` sends) stops the run but still writes every row measured so far, including the rows a
 module's run() had measured when it was interrupted, if it attached them to the exception as `partial_rows`.
 
-Results: benchmarks/results/<device>-<date>.csv (or --out), each row with the device, driver, torch / Triton /
-CUDA versions and git commit (`_common.environment`), and a markdown summary beside it (same name, .md): the
-table plus each module's optional `summary(rows)` section. The benchmarks/ folder is found next to the package
-(a source checkout or an editable install); `--dir` or $DERMFAST_BENCH_DIR point elsewhere.
+Results: <--out>/<device>-<date>.csv, --out a folder (default runs/bench/ under the working directory, which
+git ignores, so a checkout stays clean) or a .csv file; benchmarks/run_gpu.sh passes `--out benchmarks/results`
+to add to the committed results. Each row has the device, driver, torch / Triton / CUDA versions and git commit
+(`_common.environment`); a markdown summary goes beside it (same name, .md): the table plus each module's
+optional `summary(rows)` section. The console output fits 120 columns: the table (`_common.format_table`: short
+headers, empty columns left out, long cells wrapped in their column, a long status on its own lines under its
+row) and the summaries (long lines wrapped, markdown table rows cut; the .md file has them whole). The
+benchmarks/ folder is found next to the package (a source checkout or an editable install); `--dir` or
+$DERMFAST_BENCH_DIR point elsewhere.
 
 On a CPU only `--quick` makes sense: tiny shapes that prove the harness works (CI runs it). CPU numbers are
 not performance results, and the output says so.
@@ -198,11 +203,13 @@ def summary_markdown(rows: list[dict], env: dict, sections: list[str], quick: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dermfast.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dermfast.bench", description=__doc__.splitlines()[0],
+                                allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds: proves the harness, not a result")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (mae_step or bench_mae_step.py)")
-    p.add_argument("--out", type=Path, help="results CSV (default benchmarks/results/<device>-<date>.csv); "
-                                            "the markdown summary goes beside it")
+    p.add_argument("--out", type=Path, help="results folder (default runs/bench/: <device>-<date>.csv in it) or "
+                                            "a .csv file; the markdown summary goes beside it. "
+                                            "--out benchmarks/results adds to the committed results")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--dir", help=f"benchmarks folder (default: next to the package, or ${ENV_DIR})")
     p.add_argument("--no-ceilings", action="store_true", help="do not measure the matmul / copy ceilings")
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     found = discover(bench_dir)
     if args.list:
         for name, path in found.items():
-            print(f"{name:<22} {describe(path)}")
+            print(f"{name:<22} {describe(path)}"[:120])
         return 0
     names = sorted((n for n in found if n != CEILINGS), key=lambda n: (n in RUN_LAST, RUN_LAST.index(n)
                                                                        if n in RUN_LAST else 0, n))
@@ -311,7 +318,7 @@ def _run_all(args, found: dict[str, Path], names: list[str], common: ModuleType,
     # the table first, the short summaries last (a terminal, or a log's tail, shows the end)
     print("\n" + common.format_table(rows))
     for s in sections:
-        print("\n" + s.rstrip())
+        print("\n" + common.fit_lines(s.rstrip()))
     print(f"\nwrote {out} and {md.name}")
     if ceilings:
         print(f"ceilings on {env['device']}: matmul {ceilings['matmul_tflops']:.4g} TFLOP/s, "

@@ -2,9 +2,13 @@
 
 Output (DIR): images/<class>_<index>.png, manifest.csv and grid.png. manifest.csv has the columns the data
 layer reads (`image` = file name under images/, `label` = class name; `--synthetic DIR` of every training
-stage takes the folder as it is) plus sampler, steps, guidance, seed, checkpoint: an image's seed and settings
-regenerate it exactly (see dermfast.synth.sample). Resumable: an image already on disk AND in the manifest is
-skipped, so rerunning an interrupted command finishes the set. `--balance-to DATA`: per-class quotas that bring
+stage takes the folder as it is) plus sampler, steps, guidance, seed, precision, checkpoint: an image's seed and
+settings regenerate it exactly (see dermfast.synth.sample). DIR/settings.json records the settings that determine
+every image (dermfast.synth.manifest.IMAGE_SETTINGS). Resumable: rerun with the same settings, an image already on
+disk AND in the manifest is skipped, so rerunning an interrupted command finishes the set (or extends it with a
+larger --per-class). Rerun with other settings (say --steps 25 after --steps 10) into a folder that holds images,
+it is refused (exit 2, naming the settings that differ) unless `--overwrite` replaces the folder's images.
+`--balance-to DATA`: per-class quotas that bring
 every class of DATA up to its largest class. `--fid-against DATA`: FID (overall and per class) of the set
 against DATA's images (dermfast.synth.fid). Bad input: one line on stderr, exit 2.
 """
@@ -17,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from dermfast.synth.manifest import read_manifest, write_manifest
+from dermfast.synth.manifest import (SEED_STRIDE, bundle_digest, read_manifest, read_settings, settings_diff,
+                                     settings_from_rows, write_manifest, write_settings)
 
 
 class UsageError(ValueError):
@@ -25,7 +30,8 @@ class UsageError(ValueError):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dermfast.synthesize", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dermfast.synthesize", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a finished --stage synth run (or its diffusers/ bundle)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--per-class", type=int, help="images per class")
@@ -42,6 +48,8 @@ def parse_args(argv):
     p.add_argument("--fid-features", metavar="SPEC",
                    help="FID features: mae:RUN (dermfast MAE encoder) or inception:PATH; default: the run's "
                         "perceptual MAE encoder when it had one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images --out holds (needed when they were made with other settings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -52,7 +60,7 @@ def safe_name(s: str) -> str:
 
 def image_seed(base: int, class_index: int, j: int) -> int:
     """The seed of image j of class class_index (unique per image for j < 10^7, classes < 100)."""
-    return base * 1_000_000_000 + class_index * 10_000_000 + j
+    return base * SEED_STRIDE + class_index * 10_000_000 + j
 
 
 def quotas(args, classes: list[str]) -> list[int]:
@@ -77,6 +85,30 @@ def quotas(args, classes: list[str]) -> list[int]:
                          f"({', '.join(classes)})")
     top = max(counts.values())
     return [top - counts.get(c, 0) for c in classes]
+
+
+def prepare_out(out: Path, settings: dict, overwrite: bool) -> dict[str, dict]:
+    """The manifest rows of `out` to keep (their images are on disk), after checking they were made with
+    `settings`; writes settings.json. Images made with other settings: UsageError naming the differing settings,
+    or, with `overwrite`, deleted (with the manifest, grid and FID report) so the set starts afresh."""
+    manifest = out / "manifest.csv"
+    listed = read_manifest(manifest)
+    rows = {k: r for k, r in listed.items() if (out / "images" / k).is_file()}
+    if overwrite:
+        for k in listed:
+            (out / "images" / k).unlink(missing_ok=True)
+        for f in (manifest, out / "grid.png", out / "fid.json"):
+            f.unlink(missing_ok=True)
+        rows = {}
+    elif rows:
+        old = read_settings(out) or settings_from_rows(rows)
+        diff = settings_diff(old, settings)
+        if diff:
+            raise UsageError(f"{out} holds {len(rows)} image(s) made with other settings ({'; '.join(diff)}): "
+                             "pass --overwrite to replace them, or give another --out")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    write_settings(out, settings)  # before any image: every image in the folder was made with these
+    return rows
 
 
 def synthesize(args) -> dict:
@@ -109,10 +141,12 @@ def synthesize(args) -> dict:
         raise UsageError(f"bad --device {args.device!r}: {e}") from None
     bf16 = dev.type == "cuda" and args.precision != "fp32"
     out = Path(args.out).expanduser()
-    (out / "images").mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
-    rows = {k: r for k, r in read_manifest(manifest).items() if (out / "images" / k).is_file()}
     ckpt = str(bundle.path)
+    settings = {"sampler": args.sampler, "steps": args.steps, "guidance": float(args.guidance), "seed": args.seed,
+                "precision": "bf16" if bf16 else "fp32", "checkpoint": ckpt,
+                "checkpoint_sha256": bundle_digest(bundle.path)}
+    rows = prepare_out(out, settings, args.overwrite)
     plan = []
     for c, (cls, n) in enumerate(zip(classes, want)):
         for j in range(n):
@@ -138,7 +172,7 @@ def synthesize(args) -> dict:
             Image.fromarray(im.numpy()).save(str(tmp))
             os.replace(tmp, out / "images" / name)
             rows[name] = dict(image=name, label=classes[c], sampler=args.sampler, steps=args.steps,
-                              guidance=args.guidance, seed=seed, checkpoint=ckpt)
+                              guidance=args.guidance, seed=seed, precision=settings["precision"], checkpoint=ckpt)
         write_manifest(manifest, rows)  # after the images: a row always names a complete file
         bar.update(len(chunk))
     bar.close()

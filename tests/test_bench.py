@@ -168,6 +168,63 @@ def test_results_file_widens_its_header(tmp_path):
     assert rows[0]["median_ms"] == "1.0000" and rows[1]["device"] == "cpu-test"
 
 
+def test_default_out_leaves_the_checkout_clean(fake_dir, tmp_path, monkeypatch, capsys):
+    """No --out: the results go to runs/bench/<device>-<date>.csv under the working directory (git ignores
+    /runs/), never into the benchmarks folder; --out DIR puts the same file name in DIR (run_gpu.sh:
+    --out benchmarks/results); --out FILE.csv is that file."""
+    before = sorted(p.name for p in (BENCH_DIR / "results").glob("*")) if (BENCH_DIR / "results").is_dir() else []
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = ["--dir", str(fake_dir), "--quick", "--only", "good", "--no-ceilings"]
+    assert bench.main(args) == 0
+    made = list((work / "runs" / "bench").glob("*.csv"))
+    assert len(made) == 1 and made[0].with_suffix(".md").is_file()
+    assert {r["bench"] for r in read(made[0])} == {"good"}
+    assert not (fake_dir / "results").exists()
+    after = sorted(p.name for p in (BENCH_DIR / "results").glob("*")) if (BENCH_DIR / "results").is_dir() else []
+    assert after == before
+    assert f"wrote {Path('runs') / 'bench' / made[0].name}" in capsys.readouterr().out
+
+    assert bench.main([*args, "--out", str(tmp_path / "committed")]) == 0
+    assert [p.name for p in (tmp_path / "committed").glob("*.csv")] == [made[0].name]
+    assert "--out benchmarks/results" in (BENCH_DIR / "run_gpu.sh").read_text()
+
+
+def test_console_fits_120_columns(fake_dir, tmp_path, capsys):
+    assert bench.main(["--dir", str(fake_dir), "--quick", "--out", str(tmp_path / "r.csv")]) == 1
+    printed = capsys.readouterr().out
+    wide = [line for line in printed.splitlines() if len(line) > 120]
+    assert not wide, wide
+    lines = printed.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("bench "))
+    assert lines[head].split() == ["bench", "workload", "shape", "dtype", "impl", "pass", "median_ms", "throughput",
+                                   "of_ceil", "vs_peer", "status"]  # peak_mib: empty on a CPU, left out
+    # a long status is not cut: it goes whole on its own indented line(s) under its row
+    status = next(r["status"] for r in read(tmp_path / "r.csv") if r["bench"] == "broken")
+    i = lines.index("broken")
+    assert len(status) > 100 and lines[i + 1] == "    " + status
+
+
+def test_format_table_fits_and_wraps():
+    common = bench.load_common(BENCH_DIR)
+    status = "error: " + " ".join(f"word{i}" for i in range(40))
+    rows = [common.row("b" * 30, "w" * 70, "s", torch.bfloat16, "impl", "fwd", {"median_ms": 1.0}, status=status),
+            common.row("short", "x", "s", torch.float32, "impl", "fwd", {"median_ms": 2.0}, flops=4e9)]
+    lines = common.format_table(rows, width=120).splitlines()
+    assert all(len(line) <= 120 for line in lines) and len(lines) > 4
+    assert "peak_mib" not in lines[0] and "throughput" in lines[0]  # empty in every row: left out
+    # nothing is cut: the long workload wraps within its column, the long status goes on its own lines
+    assert "".join(line[len("b" * 24) + 2:].split()[0] for line in lines[1:4]) == "w" * 70
+    assert "bf16" in lines[1] and "2 TFLOP/s" in lines[-1] and lines[-1].startswith("short")
+    i = next(i for i, line in enumerate(lines) if line.startswith("    error:"))
+    assert " ".join(line.strip() for line in lines[i:-1]) == status and i >= 3  # after the row's wrapped lines
+    cut = common.format_table(rows, width=None).splitlines()[1]
+    assert "w" * 57 + "..." in cut  # no width: one line per row, cells cut at max_width
+    fitted = common.fit_lines("x " * 100 + "\n| " + "a | " * 60)
+    assert all(len(line) <= 120 for line in fitted.splitlines())
+
+
 @pytest.fixture
 def mae_step():
     sys.path.insert(0, str(BENCH_DIR))

@@ -68,6 +68,11 @@ def test_losses_fall_and_run_files(synth_run):
     assert any(float(r["perc"]) > 0 for r in rows[8:])  # the MAE perceptual term is on
     assert (synth_run / "samples" / "step_00000013.png").is_file()
     assert (synth_run / "samples" / "step_00000018.png").is_file() and (synth_run / "samples.png").is_file()
+    # plots.png marks the switch from the VAE (log rows 1..8) to the denoiser, read from the run's config.yaml
+    from dermfast.eval.plots import training_figure
+    assert (synth_run / "plots.png").is_file()
+    fig = training_figure(synth_run / "log.csv")
+    assert fig.panels[0].y_scale == "log" and [p.markers for p in fig.panels] == [[(8.5, "VAE | denoiser")]] * 2
     meta = json.loads((synth_run / "diffusers" / "dermfast_synth.json").read_text())
     assert meta["classes"] == CLASSES and meta["denoiser_steps"] == 10 and meta["img_size"] == 16
     assert meta["perceptual"].startswith("dermfast MAE encoder features")
@@ -105,7 +110,8 @@ def test_sample_and_read_back(synth_run, cache, tmp_path, sampler):
                        "--steps", "3", "--batch-size", "5", "--no-progress"]) == 0
     rows = read_manifest(out)
     assert len(rows) == 14 and {r["label"] for r in rows} == set(CLASSES)
-    assert set(rows[0]) == {"image", "label", "sampler", "steps", "guidance", "seed", "checkpoint"}
+    assert set(rows[0]) == {"image", "label", "sampler", "steps", "guidance", "seed", "precision", "checkpoint"}
+    assert all(r["precision"] == "fp32" for r in rows)  # CPU
     assert all(r["sampler"] == sampler and r["steps"] == "3" for r in rows)
     assert len({r["seed"] for r in rows}) == 14 and (out / "grid.png").is_file()
 
@@ -157,6 +163,65 @@ def test_resume_interrupted_and_regenerate(synth_run, tmp_path, monkeypatch):
     again = sample_mod.to_uint8(img)[0].numpy().astype(int)
     disk = np.asarray(Image.open(out / "images" / name)).astype(int)
     assert np.abs(again - disk).max() <= 1
+
+
+def test_rerun_with_other_settings(synth_run, tmp_path, capsys):
+    """The same settings resume (and extend); other settings are refused naming them (exit 2, nothing touched),
+    or replace the folder's images with --overwrite. Old code kept the --steps 2 images for a --steps 3 rerun."""
+    from dermfast.synthesize import parse_args, synthesize
+    out = tmp_path / "rerun"
+    base = ["--checkpoint", str(synth_run), "--out", str(out), "--sampler", "ddim", "--batch-size", "7",
+            "--no-progress"]
+    first = synthesize(parse_args([*base, "--per-class", "1", "--steps", "2"]))
+    assert first["written"] == 7 and first["kept"] == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert {k: settings[k] for k in ("sampler", "steps", "guidance", "seed", "precision")} == \
+        {"sampler": "ddim", "steps": 2, "guidance": 2.0, "seed": 0, "precision": "fp32"}
+    assert len(settings["checkpoint_sha256"]) == 64
+    before = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
+    manifest_before = (out / "manifest.csv").read_bytes()
+
+    capsys.readouterr()
+    line = one_line_error(capsys, synth_main([*base, "--per-class", "1", "--steps", "3"]))
+    assert "7 image(s) made with other settings (steps 2 -> 3)" in line and "--overwrite" in line
+    line = one_line_error(capsys, synth_main([*base, "--per-class", "1", "--steps", "2", "--seed", "1",
+                                              "--guidance", "1.5"]))
+    assert "guidance 2 -> 1.5" in line and "seed 0 -> 1" in line and "steps" not in line
+    assert {p.name: p.read_bytes() for p in (out / "images").glob("*.png")} == before
+    assert (out / "manifest.csv").read_bytes() == manifest_before
+
+    # the same settings with a larger quota: the 7 are kept, 7 more written
+    more = synthesize(parse_args([*base, "--per-class", "2", "--steps", "2"]))
+    assert more["written"] == 7 and more["kept"] == 7
+    assert all((out / "images" / k).read_bytes() == v for k, v in before.items())
+
+    # --overwrite: every image made afresh with the new settings
+    new = synthesize(parse_args([*base, "--per-class", "1", "--steps", "3", "--overwrite"]))
+    assert new["written"] == 7 and new["kept"] == 0
+    rows = read_manifest(out)
+    assert len(rows) == 7 and all(r["steps"] == "3" for r in rows)
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == sorted(before)
+    assert any((out / "images" / k).read_bytes() != v for k, v in before.items())
+    assert json.loads((out / "settings.json").read_text())["steps"] == 3
+
+    # a folder from before settings.json: judged by its manifest's columns
+    (out / "settings.json").unlink()
+    line = one_line_error(capsys, synth_main([*base, "--per-class", "1", "--steps", "3", "--sampler", "euler"]))
+    assert "sampler ddim -> euler" in line
+    again = synthesize(parse_args([*base, "--per-class", "1", "--steps", "3"]))
+    assert again["written"] == 0 and again["kept"] == 7 and (out / "settings.json").is_file()
+
+
+def test_settings_diff_checkpoint_by_digest():
+    from dermfast.synth.manifest import settings_diff
+    old = {"sampler": "ddim", "steps": 10, "guidance": 2.0, "seed": 0, "precision": "bf16",
+           "checkpoint": "/runs/a", "checkpoint_sha256": "1" * 64}
+    assert settings_diff(old, {**old, "checkpoint": "/moved/a"}) == []  # same weights, moved run
+    assert settings_diff(old, {**old, "checkpoint_sha256": "2" * 64}) == ["checkpoint weights changed at the same path"]
+    assert settings_diff(old, {**old, "precision": "fp32"}) == ["precision bf16 -> fp32"]
+    legacy = {"sampler": "ddim", "steps": 10, "guidance": 2.0, "seed": 0, "checkpoint": "/runs/a"}
+    assert settings_diff(legacy, {**old, "precision": "fp32"}) == []  # no precision column: not compared
+    assert settings_diff({**legacy, "steps": {10, 25}}, old) == ["steps mixed 10/25 -> 10"]
 
 
 def test_fid_with_mae_features(synth_run, mae_ckpt, cache, tmp_path, capsys):
