@@ -206,6 +206,13 @@ def _version() -> str:
 KERNEL_PACKAGES = ["dermfast.kernels"]
 PACKAGES = find_packages(include=["dermfast", "dermfast.*"]) + KERNEL_PACKAGES
 
+
+def with_all(extras: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Add "all": everything the README uses but DALI (pick dali or dali-cuda12 for your CUDA) and the tests."""
+    union = {r for name, reqs in extras.items() if not name.startswith("dali") and name != "test" for r in reqs}
+    return {**extras, "all": sorted(union)}
+
+
 if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import it for the helpers
     setup(
         name="dermfast",
@@ -227,7 +234,7 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
             "pillow>=9",
             "triton>=3.0; platform_system == 'Linux'",
         ],
-        extras_require={
+        extras_require=with_all({
             # DALI wheels exist for Linux only; tested with 2.4 (the loader relies on the 2.x dynamic executor).
             # Use dali-cuda12 with a CUDA 12 driver / torch cu12x build.
             "dali": ["nvidia-dali-cuda130>=2.0; platform_system == 'Linux'"],
@@ -237,15 +244,10 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
             # metrics, the HTML report, ONNX export + parity (onnxscript: torch.onnx's dynamo exporter)
             "eval": ["scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.2"],
             "tensorboard": ["tensorboard>=2.14"],  # RUN/tensorboard/ (torch.utils.tensorboard's SummaryWriter)
-            # everything the README uses but DALI (pick dali or dali-cuda12 for your CUDA): eval + synth + isic2024
-            # + tensorboard
-            "all": ["scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.2",
-                    "diffusers>=0.30", "peft>=0.10", "transformers>=4.40", "scipy>=1.10", "h5py>=3",
-                    "tensorboard>=2.14"],
             # kernels: Hugging Face's package of that name (transformers imports it); installed so that the test
             # that nothing at the repository root shadows it always runs
-            "test": ["pytest>=7", "numba>=0.58", "kernels", "h5py>=3", "scikit-learn>=1.3", "matplotlib>=3.7", "onnx>=1.15",
-                     "onnxruntime>=1.17"],
-        },
+            "test": ["pytest>=7", "numba>=0.58", "kernels", "h5py>=3", "scikit-learn>=1.3", "matplotlib>=3.7",
+                     "onnx>=1.15", "onnxruntime>=1.17"],
+        }),
         zip_safe=False,
     )
