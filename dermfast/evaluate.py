@@ -8,6 +8,9 @@ each member. `--tta` averages the probabilities over the four flips (none, horiz
 
 Writes OUT/metrics.json (accuracy, balanced_accuracy, macro_f1, auroc, pauc_80tpr, ece, per_class,
 confusion_matrix, n, positive_class, checkpoint, data, and more), OUT/predictions.csv and OUT/report.html.
+`ci` holds 95% percentile-bootstrap intervals over images (stratified by class, `--bootstrap` resamples, seed 0)
+of accuracy, balanced_accuracy, macro_f1, auroc and pauc_80tpr; `small_test_set` a warning (also printed) when
+the set is too small to compare models: < 30 images or < 10 of the positive class (dermfast.eval.metrics).
 Bad input (a checkpoint of another stage, mismatched classes, an empty or single-class evaluation set) is one
 line on stderr and exit code 2.
 """
@@ -243,6 +246,10 @@ def evaluate(args) -> dict:
         member_probs.append(probs)
     probs = np.mean(member_probs, axis=0)
     metrics = M.compute_all(y, probs, classes, positive)
+    n_boot = getattr(args, "bootstrap", 1000)  # intervals: on a set of a few images a point value says little
+    if n_boot > 0:
+        metrics["ci"] = M.bootstrap_ci(y, probs, classes, positive, n_boot=n_boot, seed=0)
+    metrics["small_test_set"] = M.small_test_warning(y, classes, positive)
     ckpts = [m["checkpoint_path"] for _, m in members]
     metrics.update(checkpoint=ckpts[0] if len(ckpts) == 1 else ckpts, data=data_desc, tta=bool(args.tta),
                    classes=classes, present_classes=[classes[k] for k in present])
@@ -262,6 +269,8 @@ def evaluate(args) -> dict:
             w.writerow([records.paths[i], classes[y[i]], classes[int(probs[i].argmax())],
                         *[f"{v:.6f}" for v in probs[i]]])
     notes = [f"{len(y)} images; classes present: {', '.join(metrics['present_classes'])}"]
+    if "ci" in metrics:
+        notes.append(f"[low, high]: {metrics['ci']['level']:.0%} interval, {metrics['ci']['method']}")
     if args.tta:
         notes.append("test-time augmentation: mean over 4 flips")
     if not args.no_report:
@@ -271,7 +280,8 @@ def evaluate(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dermfast.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dermfast.evaluate", description=__doc__.splitlines()[0],
+                                allow_abbrev=False)  # no prefix matching: --tt is not --tta
     p.add_argument("--checkpoint", nargs="+", required=True, help="run directories or checkpoint files; several = an ensemble")
     p.add_argument("--data", help="dataset to evaluate on, every image (default: the run's own test split)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
@@ -287,6 +297,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", type=int, default=4, help="most confident errors shown per class (default 4)")
     p.add_argument("--explain", type=int, default=4, help="images with Grad-CAM / attention rollout (default 4)")
     p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.html")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% confidence intervals "
+                   "(percentile bootstrap over images, stratified by class, seed 0; 0 = none; default 1000)")
     return p
 
 
@@ -303,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e} (pip install 'dermfast[eval]')", file=sys.stderr)
         return 2
     fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"evaluate: n {m['n']}, accuracy {fmt(m['accuracy'])}, balanced accuracy {fmt(m['balanced_accuracy'])}, "
-          f"macro F1 {fmt(m['macro_f1'])}, AUROC {fmt(m['auroc'])}, pAUC>80%TPR {fmt(m['pauc_80tpr'])} "
-          f"(positive {m['positive_class']}), ECE {fmt(m['ece'])} -> {m['out']}/metrics.json, report.html")
+    ci = m.get("ci") or {}
+    iv = lambda k: f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" if ci.get(k) else ""  # noqa: E731
+    print(f"evaluate: n {m['n']}, accuracy {fmt(m['accuracy'])}, balanced accuracy {fmt(m['balanced_accuracy'])}"
+          f"{iv('balanced_accuracy')}, macro F1 {fmt(m['macro_f1'])}, AUROC {fmt(m['auroc'])}{iv('auroc')}, "
+          f"pAUC>80%TPR {fmt(m['pauc_80tpr'])} (positive {m['positive_class']}), ECE {fmt(m['ece'])} "
+          f"-> {m['out']}/metrics.json, report.html" + (" ([low, high]: 95% bootstrap intervals)" if ci else ""))
+    if m.get("small_test_set"):
+        print(f"evaluate: warning: {m['small_test_set']}", file=sys.stderr)
     return 0
 
 

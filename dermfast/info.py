@@ -60,7 +60,10 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    argparse.ArgumentParser(prog="python -m dermfast.info", description=__doc__.splitlines()[0],
+                            allow_abbrev=False).parse_args(argv)  # takes no options: --help, or exit 2
     print(report())
     return 0
 

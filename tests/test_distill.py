@@ -277,3 +277,28 @@ def test_gpu_bf16_soft_and_ssd_cached(teacher_run, tmp_path):
         rows = (out / "log.csv").read_text().splitlines()
         losses = [float(r.split(",")[2]) for r in rows[1:]]
         assert losses and all(np.isfinite(losses))
+
+
+def test_partial_init_is_refused_unless_init_partial(teacher_run, tmp_path, capsys):
+    """Issue 16 section 5 follow-up: the student's --init, like finetune's, may not silently leave weights other
+    than the head unloaded; --init-partial starts anyway and says how many; --teacher-init gets the same check."""
+    import timm
+    from safetensors.torch import save_file
+    full = timm.create_model("test_vit", num_classes=7, img_size=32).state_dict()
+    part = {k: v for k, v in full.items() if not k.startswith("blocks.0.")}  # one block missing
+    init = tmp_path / "partial.safetensors"
+    save_file({k: v.contiguous() for k, v in part.items()}, str(init))
+    base = ["--stage", "distill", "--teacher", str(teacher_run), *STUDENT, "--max-steps", "1", *SMALL]
+    err = _one_line_error(capsys, [*base, "--init", str(init), "--out", str(tmp_path / "a")])
+    assert "did not load (blocks.0." in err and "--init-partial" in err
+    assert train_main([*base, "--init", str(init), "--init-partial", "--out", str(tmp_path / "b")]) == 0
+    assert "--init-partial:" in capsys.readouterr().out
+    whole = tmp_path / "whole.safetensors"  # the whole student (head of another class count aside): no refusal
+    save_file({k: v.contiguous() for k, v in full.items()}, str(whole))
+    assert train_main([*base, "--init", str(whole), "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+
+    teacher = ["--stage", "distill", "--teacher", "test_vit", "--teacher-init", str(init), *STUDENT,
+               "--max-steps", "1", *SMALL]
+    err = _one_line_error(capsys, [*teacher, "--out", str(tmp_path / "d")])
+    assert "--teacher-init" in err and "did not load (blocks.0." in err and "--init-partial" in err

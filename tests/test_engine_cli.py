@@ -78,7 +78,7 @@ def test_invalid_yaml_names_line_and_column(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,expected", [
     (["--resume", "auto", "--overwrite"], "--resume and --overwrite contradict each other"),
-    (["--resume", "auto"], "--resume auto: no checkpoint in"),
+    (["--epoch", "1"], "unknown option --epoch (did you mean --epochs?)"),  # no prefix matching (issue 22)
     (["--optimizer", "sgd"], "option optimizer must be one of: auto, adamw, apex; got 'sgd'"),
     (["--betas", "0.9"], "expected 2 arguments"),
     (["--mask-ratio", "1.5"], "--mask-ratio must be in (0, 1), got 1.5"),

@@ -231,3 +231,35 @@ def test_attention_rollout_matches_explicit_attention_probabilities():
     np.testing.assert_allclose(got, want, atol=1e-5)
     img = np.zeros((32, 32, 3), np.uint8)
     assert ex.overlay(img, got[0]).shape == (32, 32, 3)
+
+
+def test_tiny_test_set_gets_intervals_and_a_warning(tmp_path, capsys, monkeypatch):
+    """Issue 22: on 3 images the metrics come with 95% bootstrap intervals (metrics.json, report.html, the printed
+    line) and a plain warning that the set is too small to compare models."""
+    monkeypatch.setenv("DERMFAST_CACHE", str(tmp_path / "cache"))
+    tiny = make_folder(tmp_path / "tiny", {"melanoma": 1, "nevus": 2})
+    ckpt = make_run(tmp_path / "a")
+    rc, out = run(["--checkpoint", str(ckpt), "--data", str(tiny), "--out", str(tmp_path / "ev"),
+                   "--bootstrap", "200", "--explain", "0"], capsys)
+    assert rc == 0, out.err
+    m = json.loads((tmp_path / "ev/metrics.json").read_text())
+    ci = m["ci"]
+    assert ci["level"] == 0.95 and ci["n_boot"] == 200 and ci["stratified"] is True
+    rows = read_preds(tmp_path / "ev/predictions.csv")
+    from dermfast.eval.metrics import bootstrap_ci
+    y = np.array([MODEL_CLASSES.index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"p_{c}"]) for c in MODEL_CLASSES] for r in rows])
+    want = bootstrap_ci(y, probs, MODEL_CLASSES, "melanoma", n_boot=200, seed=0)
+    for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "pauc_80tpr"):
+        assert ci[k] == pytest.approx(want[k], abs=1e-5), k
+    assert "too small to compare models: 3 images, 1 of the positive class 'melanoma'" in m["small_test_set"]
+    assert "warning: the evaluation set is too small" in out.err
+    bal = ci["balanced_accuracy"]
+    assert f"[{bal[0]:.2f}, {bal[1]:.2f}]" in out.out  # beside the point value on the printed line
+    page = (tmp_path / "ev/report.html").read_text()
+    assert f"[{bal[0]:.3f}, {bal[1]:.3f}]" in page and "percentile bootstrap over images" in page
+    assert "too small to compare models" in page
+
+    rc, out = run(["--checkpoint", str(ckpt), "--data", str(tiny), "--out", str(tmp_path / "ev0"),
+                   "--bootstrap", "0", "--no-report"], capsys)
+    assert rc == 0 and "ci" not in json.loads((tmp_path / "ev0/metrics.json").read_text())

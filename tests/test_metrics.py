@@ -181,3 +181,100 @@ def test_compute_all_is_json_and_finds_the_positive_class():
     assert M.compute_all(y, p, ["a", "b"])["pauc_80tpr"] is None
     with pytest.raises(ValueError, match="positive class 'x'"):
         M.compute_all(y, p, ["a", "b"], positive="x")
+
+
+# -- bootstrap confidence intervals (issue 22: tiny test sets) ---------------------------------------------------
+
+def ref_percentile_bootstrap(y, probs, n_boot, seed, stratified, level=0.95):
+    """Written out: resample images with replacement (per class, classes ascending, when stratified), compute
+    accuracy, balanced accuracy (mean per-class recall, plain loops) and binary AUROC (Mann-Whitney pairs) on each
+    resample, take the (1 -/+ level) / 2 quantiles with numpy's default (linear) percentile (Efron & Tibshirani
+    1993, ch. 13, the percentile interval)."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    if stratified:
+        cols = []
+        for c in sorted(set(y.tolist())):
+            where = np.flatnonzero(y == c)
+            cols.append(where[rng.integers(0, len(where), (n_boot, len(where)))])
+        draws = np.concatenate(cols, axis=1)
+    else:
+        draws = rng.integers(0, n, (n_boot, n))
+    acc, bacc, auc = [], [], []
+    for idx in draws:
+        yy, pp = y[idx], probs[idx]
+        pred = pp.argmax(1)
+        acc.append(np.mean(pred == yy))
+        recalls = [np.mean(pred[yy == c] == c) for c in sorted(set(yy.tolist()))]
+        bacc.append(np.mean(recalls))
+        if probs.shape[1] == 2 and len(set(yy.tolist())) == 2:
+            auc.append(ref_auc_pairs(yy, pp[:, 1]))
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return (np.percentile(acc, q), np.percentile(bacc, q), np.percentile(auc, q) if auc else None)
+
+
+@pytest.mark.parametrize("n,stratified", [(3, True), (11, True), (11, False)])
+def test_bootstrap_ci_matches_a_written_out_percentile_bootstrap(n, stratified):
+    rng = np.random.default_rng(n)
+    y = np.array([0, 1, 1] if n == 3 else [0] * 5 + [1] * 6)
+    logits = rng.normal(size=(n, 2)) + 1.0 * np.eye(2)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    got = M.bootstrap_ci(y, probs, ["benign", "malignant"], n_boot=300, seed=5, stratified=stratified)
+    acc, bacc, auc = ref_percentile_bootstrap(y, probs, 300, 5, stratified)
+    np.testing.assert_allclose(got["accuracy"], acc, atol=1e-12)
+    np.testing.assert_allclose(got["balanced_accuracy"], bacc, atol=1e-12)
+    np.testing.assert_allclose(got["auroc"], auc, atol=1e-12)
+    assert got["level"] == 0.95 and got["stratified"] is stratified and "percentile bootstrap" in got["method"]
+    assert got["pauc_80tpr"] is not None  # 'malignant' is the default positive class
+    for k in M.CI_METRICS:
+        assert got[k][0] <= got[k][1]
+    import json
+    json.dumps(got)  # goes into metrics.json as it is
+
+
+def test_bootstrap_ci_of_accuracy_agrees_with_the_normal_approximation():
+    """On a large set the percentile interval of an accuracy approaches the Wald interval p +- 1.96 sqrt(p(1-p)/n)."""
+    rng = np.random.default_rng(0)
+    y, probs = random_preds(rng, 600, 3)
+    got = M.bootstrap_ci(y, probs, ["a", "b", "c"], n_boot=400, seed=1, stratified=False)
+    p = np.mean(probs.argmax(1) == y)
+    half = 1.96 * np.sqrt(p * (1 - p) / len(y))
+    np.testing.assert_allclose(got["accuracy"], [p - half, p + half], atol=0.012)
+
+
+def test_bootstrap_is_seeded_and_stratified_keeps_class_counts():
+    y = np.array([0] * 4 + [1] * 2 + [2] * 5)
+    idx = M.bootstrap_indices(y, 50, seed=3)
+    assert idx.shape == (50, 11)
+    assert all((np.bincount(y[row], minlength=3) == [4, 2, 5]).all() for row in idx)
+    np.testing.assert_array_equal(idx, M.bootstrap_indices(y, 50, seed=3))
+    assert not np.array_equal(idx, M.bootstrap_indices(y, 50, seed=4))
+
+
+def test_small_test_set_warning_thresholds():
+    classes = ["nevus", "melanoma"]
+    assert M.small_test_warning([0, 1, 1], classes) is not None  # 3 images
+    many_few_pos = [0] * 100 + [1] * 9
+    msg = M.small_test_warning(many_few_pos, classes)
+    assert msg and "9 of the positive class 'melanoma'" in msg
+    assert M.small_test_warning([0] * 100 + [1] * 10, classes) is None
+    assert M.small_test_warning([0] * 19 + [1] * 10, classes) is not None  # 29 images
+    assert M.small_test_warning([0] * 20 + [1] * 10, classes) is None  # 30 images, 10 positives: the floor
+    msg = M.small_test_warning([0] * 50 + [1] * 50 + [2] * 4, ["a", "b", "c"])  # no positive: the rarest class
+    assert msg and "rarest class 'c'" in msg
+
+
+def test_vectorised_resample_metrics_equal_the_metric_functions():
+    """bootstrap_ci computes every resample at once; each row must equal the one-set functions (sklearn-based)."""
+    rng = np.random.default_rng(2)
+    y, probs = random_preds(rng, 40, 4, present=[0, 1, 3])  # class 2 absent from y (predicted now and then)
+    idx = np.vstack([np.arange(40), M.bootstrap_indices(y, 6, seed=0, stratified=False)])
+    rows = M.resample_metrics(y, probs, idx, k=3)
+    for b, i in enumerate(idx):
+        yy, pp = y[i], probs[i]
+        pred = pp.argmax(1)
+        ref = {"accuracy": M.accuracy(yy, pred), "balanced_accuracy": M.balanced_accuracy(yy, pred),
+               "macro_f1": M.macro_f1(yy, pred), "auroc": M.auroc(yy, pp),
+               "pauc_80tpr": M.pauc_above_tpr(yy == 3, pp[:, 3])}
+        for k, v in ref.items():
+            assert rows[k][b] == pytest.approx(v, abs=1e-12), (k, b)

@@ -168,3 +168,21 @@ def test_store_keys_and_real_files(tmp_path):
         assert {s: len(v) for s, v in sp.items()} == {"train": 89, "val": 11, "test": 11}
         assert all(np.array_equal(load_splits(save_splits(sp, real, tmp_path / "m.csv"), open_any(copy))[s], sp[s])
                    for s in SPLITS)
+
+
+def test_a_class_too_small_for_every_side_is_named(capsys):
+    """Issue 22: a class of one image lands in train only; the split says so (class, image, side), one line."""
+    labels = [0] * 20 + [1] * 20 + [2] + [3] * 2
+    paths = [f"/d/img_{i:03d}.jpg" for i in range(len(labels))]
+    rec = ImageRecords(paths, np.array(labels), ["a", "b", "df", "vasc"], root="/d")
+    splits = split_records(rec, seed=0)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("split:")]
+    assert len(lines) == 2, lines
+    one = next(ln for ln in lines if "'df'" in ln)
+    assert "1 image" in one and "img_040.jpg" in one and "went to train" in one and "val and test" in one
+    assert 40 in splits["train"]
+    two = next(ln for ln in lines if "'vasc'" in ln)
+    assert "2 images" in two and "went to train" in two
+    rec_big = _records(n=500)
+    split_records(rec_big, seed=0)  # every class on every side: nothing to say
+    assert "split:" not in capsys.readouterr().out

@@ -10,6 +10,8 @@ indices into `records`:
     side furthest below its target for groups.
   * coverage: a class with >= 3 images gets a unit on every side whose fraction is > 0, as far as its number of
     groups allows (priority train, test, val).
+  * a class left off a side whose fraction is > 0 (one or two images, or a single group: all go to train) is
+    named in one printed line ("split: class 'df' has 1 image (x.jpg) and it went to train: val and test ...").
   * deterministic: stratum `c` shuffles its units (sorted by group name first) with
     `numpy.random.default_rng([seed, c + 1])`, so a seed gives the same split on every machine and a class's
     split does not depend on the other classes.
@@ -107,7 +109,28 @@ def split_records(records: ImageRecords, fractions=(0.8, 0.1, 0.1), seed: int = 
         sizes = unit_size[units]
         unit_side[units] = _allocate(sizes, fr, cover=int(sizes.sum()) >= 3)
     side = unit_side[unit]
+    for note in uncovered_classes(records, side, fr):
+        print(note)
     return {s: np.flatnonzero(side == k).astype(np.int64) for k, s in enumerate(SPLITS)}
+
+
+def uncovered_classes(records: ImageRecords, side: np.ndarray, fr: np.ndarray) -> list[str]:
+    """One line per class missing from a side that is meant to hold images (fraction > 0): a class of one or
+    two images (or one group) goes whole to train, so val / test never measure it; the run says so.
+    side: [N] 0 train, 1 val, 2 test per image."""
+    notes = []
+    for c in np.unique(records.labels[records.labels >= 0]):
+        where = np.flatnonzero(records.labels == c)
+        missing = [SPLITS[k] for k in range(3) if fr[k] > 0 and not (side[where] == k).any()]
+        if not missing:
+            continue
+        name = records.classes[c] if c < len(records.classes) else str(int(c))
+        held = [SPLITS[k] for k in range(3) if (side[where] == k).any()]
+        what = (f"1 image ({Path(str(records.paths[where[0]])).name}) and it went to {held[0]}" if len(where) == 1
+                else f"{len(where)} images and they went to {' and '.join(held)}")
+        notes.append(f"split: class {name!r} has {what}: {' and '.join(missing)} hold{'' if len(missing) > 1 else 's'} none of it, so its "
+                     "metrics there are undefined")
+    return notes
 
 
 def check_splits(splits: dict, records: ImageRecords) -> None:

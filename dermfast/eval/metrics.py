@@ -11,6 +11,8 @@ this module adds what it lacks or computes differently:
   `roc_auc_score(max_fpr=...)` is a different number (McClish-standardised, and over low FPR, not high TPR).
 - `sensitivity_at_specificity`: the best TPR among ROC operating points whose specificity is at least the target.
 - `ece`: expected calibration error of the top-label confidence over equal-width bins (Guo et al. 2017).
+- `bootstrap_ci`: percentile bootstrap intervals over images (stratified by class by default), and
+  `small_test_warning`: a set too small to compare models (< 30 images or < 10 of the positive class).
 
 A metric that is undefined on the data given (AUROC when only one class is present, precision of a class never
 predicted, recall of a class absent from `y_true`) is None, never 0 or 0.5.
@@ -253,3 +255,109 @@ def compute_all(y_true, probs, classes: list[str], positive: str | None = None) 
         out["sens_at_90spec"] = sensitivity_at_specificity(y == k, p[:, k], 0.90)
         out["sens_at_95spec"] = sensitivity_at_specificity(y == k, p[:, k], 0.95)
     return out
+
+
+# ------------------------------------------------------------------------------------- small evaluation sets
+CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "pauc_80tpr")
+SMALL_TEST_IMAGES = 30    # fewer images than this: too few to compare models (a 95% interval of an accuracy
+SMALL_TEST_POSITIVES = 10  # near 0.8 is +-0.15 at n = 30); nor fewer than this of the positive (or rarest) class
+
+
+def bootstrap_indices(y_true, n_boot: int, seed: int = 0, stratified: bool = True) -> np.ndarray:
+    """[n_boot, N] image indices, resampled with replacement. `stratified`: each class keeps its count (classes
+    in ascending order, each drawing `rng.integers(0, n_c, (n_boot, n_c))` into its images in index order), so
+    every resample holds every class present and AUROC / balanced accuracy stay defined on sets of a few images;
+    else `rng.integers(0, N, (n_boot, N))`. rng = numpy.random.default_rng(seed)."""
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    rng = np.random.default_rng(seed)
+    if not stratified:
+        return rng.integers(0, y.size, (n_boot, y.size))
+    parts = []
+    for c in np.unique(y):
+        where = np.flatnonzero(y == c)
+        parts.append(where[rng.integers(0, where.size, (n_boot, where.size))])
+    return np.concatenate(parts, axis=1) if parts else np.zeros((n_boot, 0), dtype=np.int64)
+
+
+def _rows_binary_auroc(pos: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """[B] AUROC of each row (pos [B, N] bool, score [B, N]) by the rank-sum (Mann-Whitney U, ties averaged), which
+    equals the trapezoid ROC area `binary_auroc` computes; nan where a row lacks either class."""
+    from scipy.stats import rankdata
+    n1 = pos.sum(1).astype(np.float64)
+    n0 = pos.shape[1] - n1
+    u = (rankdata(score, axis=1) * pos).sum(1) - n1 * (n1 + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n1 > 0) & (n0 > 0), u / (n1 * n0), np.nan)
+
+
+def resample_metrics(y, p, idx: np.ndarray, k: int | None = None) -> dict[str, np.ndarray]:
+    """CI_METRICS of every resample at once: idx [B, N] image indices -> {metric: [B] values, nan = undefined}.
+    The same definitions as accuracy / balanced_accuracy / macro_f1 / auroc / pauc_above_tpr (from per-resample
+    confusion counts and rank sums, vectorised; pAUC through `pauc_above_tpr` per resample, positive index k)."""
+    y, p = _check(y, p)
+    C = p.shape[1]
+    yy, pr = y[idx], p.argmax(1)[idx]
+    B = idx.shape[0]
+    cm = np.zeros((B, C * C), dtype=np.int64)
+    np.add.at(cm, (np.arange(B)[:, None], yy * C + pr), 1)
+    cm = cm.reshape(B, C, C)
+    tp, support, predicted = np.diagonal(cm, axis1=1, axis2=2), cm.sum(2), cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, tp / support, np.nan)
+        f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), np.nan)  # 2TP / (2TP + FP + FN)
+        out = {"accuracy": tp.sum(1) / idx.shape[1], "balanced_accuracy": np.nanmean(recall, 1),
+               "macro_f1": np.nanmean(f1, 1)}
+        if C == 2:
+            out["auroc"] = _rows_binary_auroc(yy == 1, p[idx, 1])
+        else:
+            per = np.stack([_rows_binary_auroc(yy == c, p[idx, c]) for c in range(C)], 1)  # nan: class absent
+            defined = np.isfinite(per).sum(1)
+            out["auroc"] = np.where(defined > 0, np.nansum(per, 1) / np.maximum(defined, 1), np.nan)
+    pauc = np.full(B, np.nan)
+    if k is not None:
+        for b in range(B):
+            v = pauc_above_tpr(yy[b] == k, p[idx[b], k], 0.8)
+            pauc[b] = np.nan if v is None else v
+    out["pauc_80tpr"] = pauc
+    return out
+
+
+def bootstrap_ci(y_true, probs, classes: list[str], positive: str | None = None, n_boot: int = 1000,
+                 level: float = 0.95, seed: int = 0, stratified: bool = True) -> dict:
+    """Percentile bootstrap confidence intervals of CI_METRICS over images: the metrics of `n_boot` resamples
+    (`bootstrap_indices`), and per metric [the (1 - level) / 2, (1 + level) / 2 quantiles] (numpy.percentile,
+    linear interpolation) of its defined values; None when no resample defines it. Returns {"method", "level",
+    "n_boot", "seed", "stratified", metric: [low, high] or None}. `positive` as compute_all's (pAUC)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    y, p = _check(y_true, probs)
+    positive = positive if positive is not None else default_positive(classes)
+    k = classes.index(positive) if positive is not None else None
+    rows = resample_metrics(y, p, bootstrap_indices(y, n_boot, seed, stratified), k)
+    values = {m: rows[m][np.isfinite(rows[m])] for m in CI_METRICS}
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    how = "stratified by class (each class keeps its count)" if stratified else "not stratified"
+    out = {"method": f"percentile bootstrap over images, {how}, {n_boot} resamples, seed {seed}",
+           "level": level, "n_boot": n_boot, "seed": seed, "stratified": stratified}
+    for m, vals in values.items():
+        out[m] = [float(x) for x in np.percentile(vals, q)] if vals.size else None
+    return out
+
+
+def small_test_warning(y_true, classes: list[str], positive: str | None = None) -> str | None:
+    """A plain warning when an evaluation set is too small to compare models: fewer than SMALL_TEST_IMAGES
+    images, or fewer than SMALL_TEST_POSITIVES of the positive class (default_positive; without one, of the
+    rarest class present). None when it is large enough by these counts."""
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    positive = positive if positive is not None else default_positive(classes)
+    counts = np.bincount(y, minlength=len(classes))
+    if positive is not None:
+        k, role = classes.index(positive), "positive class"
+    else:
+        present = np.flatnonzero(counts)
+        k, role = (int(present[np.argmin(counts[present])]) if present.size else 0), "rarest class"
+    if y.size >= SMALL_TEST_IMAGES and counts[k] >= SMALL_TEST_POSITIVES:
+        return None
+    return (f"the evaluation set is too small to compare models: {y.size} images, {int(counts[k])} of the {role} "
+            f"{classes[k]!r} (want >= {SMALL_TEST_IMAGES} images and >= {SMALL_TEST_POSITIVES} of it); read the "
+            "95% intervals: models whose intervals overlap are not shown to differ")

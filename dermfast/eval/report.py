@@ -1,5 +1,7 @@
 """The evaluation report: one self-contained HTML file (every figure an embedded PNG, no external assets).
 
+Metrics carry their bootstrap intervals ("ci" of the metrics dict, shown as [low, high] after each value) and a
+small evaluation set its warning ("small_test_set") at the top.
 Figures are drawn on matplotlib `Figure` objects with the Agg canvas, never through pyplot, so no global
 backend or figure state is touched. Sections: metrics table (the ensemble beside each member), per-class
 table, confusion matrix, ROC and precision-recall curves (one-vs-rest per class; binary problems show the
@@ -114,6 +116,12 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _interval(m: dict, key: str) -> str:
+    """' [low, high]' of m["ci"][key] (a bootstrap interval), or '' when there is none."""
+    iv = (m.get("ci") or {}).get(key)
+    return f" <small>[{iv[0]:.3f}, {iv[1]:.3f}]</small>" if isinstance(iv, (list, tuple)) and len(iv) == 2 else ""
+
+
 def write_report(path: Path, metrics: dict, members: list[dict], classes: list[str], figures: dict[str, bytes],
                  errors: dict[str, list[tuple[bytes, str]]], explanations: list[tuple[bytes, str]],
                  explain_method: str | None, notes: list[str]) -> Path:
@@ -122,8 +130,13 @@ def write_report(path: Path, metrics: dict, members: list[dict], classes: list[s
     cols = [("ensemble" if members else "model", metrics)] + [(Path(m["checkpoint"]).parent.name or m["checkpoint"], m)
                                                                for m in members]
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
-    rows = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for _, m in cols) + "</tr>"
-                   for k, label in SUMMARY_KEYS)
+    rows = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(m.get(k))}{_interval(m, k)}</td>" for _, m in cols)
+                   + "</tr>" for k, label in SUMMARY_KEYS)
+    ci = metrics.get("ci") or {}
+    ci_html = (f"<p>[low, high]: {ci['level']:.0%} confidence interval, {html.escape(ci['method'])}.</p>"
+               if ci else "")
+    warn_html = (f'<p class=warn><b>warning:</b> {html.escape(metrics["small_test_set"])}</p>'
+                 if metrics.get("small_test_set") else "")
     pc = metrics["per_class"]
     pc_rows = "".join(
         f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(pc[c].get(k))}</td>"
@@ -146,12 +159,12 @@ def write_report(path: Path, metrics: dict, members: list[dict], classes: list[s
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left}}
 figure{{display:inline-block;margin:6px;vertical-align:top}} figcaption{{font-size:11px;max-width:230px}}
-.row{{display:flex;flex-wrap:wrap}}</style></head><body>
+.row{{display:flex;flex-wrap:wrap}} .warn{{color:#a00}}</style></head><body>
 <h1>dermfast evaluation</h1>
 <p>checkpoint: {html.escape(str(metrics.get("checkpoint")))}<br>data: {html.escape(str(metrics.get("data")))}<br>
 positive class (pAUC, sensitivity): {_fmt(metrics.get("positive_class"))}</p>
-<ul>{note_html}</ul>
-<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>
+{warn_html}<ul>{note_html}</ul>
+<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>{ci_html}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>AUROC (OvR)</th>
 <th>support</th></tr>{pc_rows}</table>
 <h2>Figures</h2>{figs}

@@ -17,20 +17,15 @@ OTHER_TOOLS = {"eval": "dermfast.evaluate", "evaluate": "dermfast.evaluate", "ex
                "synthesize": "dermfast.synthesize", "sample": "dermfast.synthesize"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _fail(msg: str, code: int = 2) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
 
 
 def _base_parser(stages: dict, add_help: bool) -> argparse.ArgumentParser:
+    from dermfast.train.cliargs import OneLineParser  # no prefix matching: --stag is not --stage
     listing = "; ".join(f"{n}: {i.help}" for n, i in sorted(stages.items()))
-    p = _Parser(prog="python -m dermfast.train", add_help=add_help,
+    p = OneLineParser(prog="python -m dermfast.train", add_help=add_help,
                 description=__doc__.splitlines()[0] + f"  Stages: {listing}.",
                 epilog="`--stage STAGE --help` lists that stage's options with their defaults.")
     p.add_argument("--stage", help=f"training stage; accepted: {', '.join(sorted(stages))}")

@@ -10,8 +10,10 @@ fine-tuned first by the finetune stage into RUN/teacher (same data, seed and spl
 and the output says so; a resumed run reuses it.
 
 Student: any timm model (`--student`, default vit_tiny_patch16_224 at the teacher's input size), trained from
-scratch or from `--init` (local weights by name, as finetune's). The student's input normalisation is the
-teacher's, so one batch feeds both; a teacher of another input size sees the batch resized.
+scratch or from `--init` (local weights by name, as finetune's; refused, exit 2, when any of the student's weights
+but its head would stay unloaded, unless `--init-partial`; the same holds for `--teacher-init`). The student's
+input normalisation is the teacher's, so one batch feeds both; a teacher of another input size sees the batch
+resized.
 
 Objectives (`--kd`):
 - soft: the fused `dermfast.ops.kd_loss` = alpha T^2 KL(teacher || student) + (1 - alpha) CE (DerMAE's KD).
@@ -57,6 +59,7 @@ class DistillConfig(DataConfig):
     teacher_epochs: int = 6          # no --teacher: epochs of the small teacher fine-tuned into RUN/teacher first
     student: str = "vit_tiny_patch16_224"  # timm model name (vit_tiny_patch16_224, mobilenetv2_100, efficientnet_b0, edgenext_small, ...)
     init: str | None = None          # local weights to start the student from (loaded by name, as finetune's --init)
+    init_partial: bool = False       # start even if --init (or --teacher-init) leaves weights other than the head unloaded
     img_size: int | None = None      # student input size; None = the teacher's (64 for the teacher trained here)
     kd: Literal["soft", "ssd"] = "soft"  # soft: fused kd_loss (alpha T^2 KL + (1-alpha) CE); ssd: the SSD-KD terms (paper weights)
     temperature: float = 4.0         # T of the logit KL terms
@@ -168,6 +171,11 @@ def load_teacher(cfg: DistillConfig, kind: str, num_classes: int, device):
         if bad or not report.loaded:
             raise ConfigError(f"--teacher-init {cfg.teacher_init}: no {num_classes}-class head for {cfg.teacher} in "
                               f"it ({', '.join(sorted(bad)[:2]) or 'nothing loaded'}): give a fine-tuned teacher")
+        from dermfast.models.init_checkpoint import unloaded_required
+        short = unloaded_required(model, spec, report)  # a teacher half random teaches noise
+        if short and not cfg.init_partial:
+            raise ConfigError(f"--teacher-init {cfg.teacher_init}: {len(short)} of the weights {cfg.teacher} needs did "
+                              f"not load ({short[0]}, ...): give the weights it was trained with, or --init-partial")
         model.to(device)
         classes = None
     else:
@@ -313,7 +321,17 @@ class DistillStage(Stage):
         except (ValueError, TypeError) as e:
             raise ConfigError(f"--student {cfg.student}: {e}") from None
         if cfg.init is not None:
-            run.log(load_init(student, cfg.init).summary())
+            report = load_init(student, cfg.init)
+            run.log(report.summary())
+            from dermfast.models.classifier import group_keys
+            from dermfast.models.init_checkpoint import unloaded_required
+            short = unloaded_required(student, self.spec, report)  # as finetune: no silent partial start
+            if short and not cfg.init_partial:
+                raise ConfigError(f"--init {cfg.init}: {len(short)} of the weights --student {cfg.student} needs did "
+                                  f"not load ({short[0]}, ...); see the listing above, or give --init-partial")
+            if short:
+                run.log(f"distill: --init-partial: {len(short)} student weights keep their initial values "
+                        f"({', '.join(group_keys(short)[:4])})")
         student = student.to(run.device)
 
         counts = np.bincount(self.train_rec.labels, minlength=k)
