@@ -3,7 +3,11 @@
 Exports a fine-tuned or distilled classifier (the distilled student is the main case) as a module that maps
 `image` [N, 3, S, S] float32 (normalised with the sidecar's mean / std) to `probs` [N, C] (softmax over the
 sidecar's class names), with a dynamic batch dimension. Beside the model file, FILE.json records the input
-size, layout, mean / std, class names, the parity result and the CPU latency.
+size, layout, mean / std, class names, the parity result, the CPU latency and, under "preprocess", every step
+that turns an image file into the input exactly as `python -m dermfast.evaluate` does (decode, resize with
+its interpolation and rounding, centre crop, scaling, channel order, normalisation, layout), so another runtime
+reproduces evaluate's probabilities from the sidecar alone. `python -m dermfast.predict --checkpoint FILE.onnx`
+runs the export through that preprocessing.
 
 Parity: a seeded batch of random inputs goes through the eager model and the exported one (onnxruntime for
 ONNX when installed, else the ONNX checker only; torch.jit.load for TorchScript); the max abs difference of the
@@ -142,6 +146,69 @@ def latency_ms(fn, size: int, batch: int, repeats: int = 5, warmup: int = 3) -> 
     return statistics.median(times) / batch * 1e3
 
 
+PREPROCESS_VERSION = 1
+
+
+def preprocessing_spec(aug) -> dict:
+    """The sidecar's "preprocess" block: the evaluation transform of `aug` (an `Augment`, as
+    `dermfast.evaluate.eval_augment` builds it from a checkpoint) written out step by step, so that it can be
+    reproduced without dermfast. It states what `dermfast.data.torch_loader.eval_transform` does on a PIL image
+    (torchvision's Resize / CenterCrop / ToTensor / Normalize) after the data check that evaluate runs first."""
+    size = int(aug.size)
+    short = int(round(aug.size / aug.crop_fraction))
+    return {
+        "version": PREPROCESS_VERSION,
+        "decode": {"library": "PIL", "how": "PIL.Image.open(file).convert('RGB')", "mode": "RGB", "bits": 8,
+                   "exif_orientation": "not applied (pixels as stored)",
+                   "note": "images that are not 8-bit RGB / L / RGBA (16-bit PNG, CMYK JPEG, palette, TIFF, ...) "
+                           "are first converted to 8-bit RGB (16-bit as round(v / 257)); alpha is dropped"},
+        "resize": {"shorter_side": short, "longer_side": f"floor({short} * longer / shorter)",
+                   "interpolation": "bicubic",
+                   "implementation": "PIL Image.resize((w, h), Image.BICUBIC): Pillow's bicubic (a = -0.5), "
+                                     "antialiased when downscaling (torchvision Resize on a PIL image); "
+                                     "an image whose shorter side is already the target is left as is"},
+        "crop": {"size": [size, size], "position": "centre",
+                 "top": f"round((height - {size}) / 2)", "left": f"round((width - {size}) / 2)",
+                 "rounding": "half to even (Python round), on the resized image"},
+        "scale": "uint8 / 255 -> float32", "input_range": [0.0, 1.0], "channel_order": "RGB",
+        "normalize": {"mean": [float(v) for v in aug.mean], "std": [float(v) for v in aug.std],
+                      "formula": "(x - mean[c]) / std[c] per channel, float32"},
+        "layout": "NCHW", "dtype": "float32",
+        "tta": "optional (--tta in evaluate / predict): mean of the output probabilities over the input and its "
+               "flips along W, along H, and along both",
+    }
+
+
+def augment_from_spec(spec: dict):
+    """The `Augment` whose evaluation transform is the sidecar's "preprocess" block; ExportError (one line) for a
+    block that states anything else (another interpolation, crop, channel order, layout or range), so nothing
+    runs an export through preprocessing its sidecar does not describe."""
+    from dermfast.data.augment import Augment
+    want = preprocessing_spec(Augment())  # the fixed parts of every block this version writes
+    try:
+        size = [int(v) for v in spec["crop"]["size"]]
+        short = int(spec["resize"]["shorter_side"])
+        mean = tuple(float(v) for v in spec["normalize"]["mean"])
+        std = tuple(float(v) for v in spec["normalize"]["std"])
+        fixed = {"interpolation": spec["resize"]["interpolation"], "crop position": spec["crop"]["position"],
+                 **{k: spec[k] for k in ("channel_order", "layout", "input_range", "dtype")}}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"the sidecar's preprocess block is incomplete ({type(e).__name__}: {e})") from None
+    expected = {"interpolation": "bicubic", "crop position": "centre", "channel_order": want["channel_order"],
+                "layout": want["layout"], "input_range": want["input_range"], "dtype": want["dtype"]}
+    odd = [f"{k} {fixed[k]!r} (supported: {expected[k]!r})" for k in expected if fixed[k] != expected[k]]
+    if size[0] != size[1]:
+        odd.append(f"crop {size} (supported: square)")
+    if len(mean) != 3 or len(std) != 3:
+        odd.append("mean / std need 3 channels")
+    if odd:
+        raise ExportError(f"the sidecar states preprocessing dermfast does not implement: {'; '.join(odd)}")
+    aug = Augment(size=size[0], mean=mean, std=std, crop_fraction=size[0] / short)
+    if int(round(aug.size / aug.crop_fraction)) != short:  # the float round trip must give the stated size
+        raise ExportError(f"the sidecar's resize {short} px cannot be reproduced for a {size[0]} px crop")
+    return aug
+
+
 def export(args) -> dict:
     from dermfast.models.classifier import load_classifier
     model, meta = load_classifier(args.checkpoint, "cpu")
@@ -171,11 +238,15 @@ def export(args) -> dict:
         parity = float(np.abs(got - ref).max())
         if not args.no_latency:
             latency = {str(b): round(latency_ms(fn, size, b), 3) for b in (1, 32)}
+    from dermfast.evaluate import eval_augment
+    pre = preprocessing_spec(eval_augment(meta))  # what evaluate feeds the model, stated in full
     sidecar = {
         "format": args.format, "file": out.name, "exporter": how, "opset": opset,
         "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
                   "size": size, "range": "RGB in [0, 1], then (x - mean) / std",
-                  "preprocess": f"resize the shorter side to {round(size / 0.875)} px, centre crop {size} px"},
+                  "preprocess": f"resize the shorter side to {pre['resize']['shorter_side']} px (PIL bicubic), "
+                                f"centre crop {size} px; see the preprocess block"},
+        "preprocess": pre,
         "mean": list(meta["mean"]), "std": list(meta["std"]),
         "output": {"name": "probs", "shape": ["batch", len(meta["classes"])], "meaning": "softmax over class_names"},
         "class_names": list(meta["classes"]), "arch": meta["model"]["arch"], "stage": meta["stage"],
