@@ -30,7 +30,6 @@ not performance results, and the output says so.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import gc
 import importlib.util
@@ -42,6 +41,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from dermfast.cliparse import OneLineParser
 
 ENV_DIR = "DERMFAST_BENCH_DIR"
 CEILINGS = "ceilings"
@@ -203,7 +203,7 @@ def summary_markdown(rows: list[dict], env: dict, sections: list[str], quick: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dermfast.bench", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m dermfast.bench", description=__doc__.splitlines()[0],
                                 allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds: proves the harness, not a result")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (mae_step or bench_mae_step.py)")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dermfast.cliparse import OneLineParser
 from dermfast.data.records import DatasetError, ImageRecords
 
 
@@ -280,7 +281,7 @@ def evaluate(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dermfast.evaluate", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m dermfast.evaluate", description=__doc__.splitlines()[0],
                                 allow_abbrev=False)  # no prefix matching: --tt is not --tta
     p.add_argument("--checkpoint", nargs="+", required=True, help="run directories or checkpoint files; several = an ensemble")
     p.add_argument("--data", help="dataset to evaluate on, every image (default: the run's own test split)")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from dermfast.cliparse import OneLineParser
 
 
 class ExportError(ValueError):
@@ -263,7 +264,7 @@ def export(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dermfast.export", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m dermfast.export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a fine-tune / distill run directory or checkpoint file")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     p.add_argument("--out", help="output file (default: RUN/model.onnx or RUN/model.pt; sidecar beside it as .json)")

@@ -7,6 +7,7 @@ import sys
 import torch
 
 import dermfast
+from dermfast.cliparse import OneLineParser
 from dermfast import _optional as opt
 from dermfast.ops.registry import BACKENDS, Query, get_backend, ops
 
@@ -61,8 +62,7 @@ def report() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    argparse.ArgumentParser(prog="python -m dermfast.info", description=__doc__.splitlines()[0],
+    OneLineParser(prog="python -m dermfast.info", description=__doc__.splitlines()[0],
                             allow_abbrev=False).parse_args(argv)  # takes no options: --help, or exit 2
     print(report())
     return 0

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dermfast.cliparse import OneLineParser
 from dermfast.data.records import IMAGE_EXTENSIONS, DatasetError, ImageRecords
 
 
@@ -347,7 +348,7 @@ def run(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dermfast.predict", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m dermfast.predict", description=__doc__.splitlines()[0],
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a fine-tune / distill run directory or checkpoint file, "
                                                         "or an ONNX export (FILE.onnx beside its FILE.json)")

@@ -14,13 +14,13 @@ against DATA's images (dermfast.synth.fid). Bad input: one line on stderr, exit 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 import time
 from pathlib import Path
 
+from dermfast.cliparse import OneLineParser
 from dermfast.synth.manifest import (SEED_STRIDE, bundle_digest, read_manifest, read_settings, settings_diff,
                                      settings_from_rows, write_manifest, write_settings)
 
@@ -30,7 +30,7 @@ class UsageError(ValueError):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dermfast.synthesize", description=__doc__.split("\n")[0],
+    p = OneLineParser(prog="python -m dermfast.synthesize", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a finished --stage synth run (or its diffusers/ bundle)")
     g = p.add_mutually_exclusive_group()

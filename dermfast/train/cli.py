@@ -23,7 +23,7 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def _base_parser(stages: dict, add_help: bool) -> argparse.ArgumentParser:
-    from dermfast.train.cliargs import OneLineParser  # no prefix matching: --stag is not --stage
+    from dermfast.cliparse import OneLineParser  # no prefix matching: --stag is not --stage
     listing = "; ".join(f"{n}: {i.help}" for n, i in sorted(stages.items()))
     p = OneLineParser(prog="python -m dermfast.train", add_help=add_help,
                 description=__doc__.splitlines()[0] + f"  Stages: {listing}.",

@@ -6,51 +6,18 @@ list / tuple -> several values (`--betas 0.9 0.95`); `X | None` -> a value, or `
 dict -> a YAML mapping string. Parsed values are strings checked by `config.coerce`, so the YAML file and the
 command line go through one checker. Flags left out parse to None ("not given"), so YAML values survive.
 
-`OneLineParser`: the parser every dermfast tool uses: no prefix matching (argparse would take `--epoch 1` for
-`--epochs 1` silently), errors as one line on stderr with exit code 2, an unknown flag named with the closest
-known one ("did you mean --epochs?", `closest`).
+The parser itself is dermfast/cliparse.py's `OneLineParser`, shared by every dermfast tool.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import sys
 import typing
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from dermfast.train.config import describe, field_docs, field_types, flag
 
 _NONE_WORDS = {"none", "null"}
-_UNRECOGNIZED = "unrecognized arguments: "
-
-
-def closest(word: str, known: Iterable[str]) -> str | None:
-    """The known name most like `word` (difflib ratio >= 0.6), or None."""
-    hits = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return hits[0] if hits else None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse.ArgumentParser with `allow_abbrev=False` by default and one-line errors (exit 2): an unknown
-    flag is named with the closest known flag, e.g. "unknown option --epoch (did you mean --epochs?)"."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        if message.startswith(_UNRECOGNIZED):
-            flags = [a.split("=", 1)[0] for a in message[len(_UNRECOGNIZED):].split() if a.startswith("--")]
-            if flags:
-                known = [o for o in self._option_string_actions if o.startswith("--")]
-                parts = []
-                for f in flags:
-                    hit = closest(f, known)
-                    parts.append(f"{f} (did you mean {hit}?)" if hit else f)
-                message = f"unknown option{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:

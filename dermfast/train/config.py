@@ -265,11 +265,11 @@ def build_config(cls: type, file_values: dict[str, Any], cli_values: dict[str, A
     types = field_types(cls)
     unknown = sorted(set(file_values) - set(types))
     if unknown:
-        import difflib
+        from dermfast.cliparse import closest
         named = []
         for k in unknown:  # each with the closest accepted key, as the command line names an unknown flag
-            hit = difflib.get_close_matches(k, list(types), n=1, cutoff=0.6)
-            named.append(f"{k} (did you mean {hit[0]}?)" if hit else k)
+            hit = closest(k, types)
+            named.append(f"{k} (did you mean {hit}?)" if hit else k)
         raise ConfigError(f"unknown option(s) in config file: {', '.join(named)}; accepted: "
                           f"{', '.join(sorted(types))}")
     values = {**file_values, **{k: v for k, v in cli_values.items() if k in types}}
