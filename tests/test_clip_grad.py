@@ -159,12 +159,16 @@ def _torchrun(tmp_path: Path, name: str, nproc: int, port: int, *extra: str) -> 
 
 
 @pytest.mark.slow
-def test_clip_grad_under_ddp_and_fsdp_uses_the_global_norm(tmp_path):
+def test_clip_grad_under_ddp_and_fsdp_uses_the_global_norm(tmp_path, monkeypatch):
     # Every rank of the toy stage sees the same batch, so the averaged gradient of 2 ranks is the 1-process one,
     # and so is its clipped version; under FSDP2 each rank holds half of each gradient and the norm must be
     # the global one (a per-shard norm would clip each half differently).
-    one = _torchrun(tmp_path, "one", 1, 29631, "--clip-grad", "1.0")
-    unclipped = _torchrun(tmp_path, "none", 1, 29632)
+    _record_first_step(monkeypatch)
+    assert _run(tmp_path, "none") == 0
+    unclipped = SEEN[0]["grads"]
+    SEEN.clear()
+    assert _run(tmp_path, "one", "--clip-grad", "1.0") == 0
+    one = SEEN[0]["grads"]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in unclipped]))
     assert float(total) > 2.0
     expect = [g * min(1.0, 1.0 / (float(total) + 1e-6)) for g in unclipped]  # clip_grad_norm_'s formula
