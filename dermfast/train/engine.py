@@ -39,7 +39,7 @@ from dermfast.train.distributed import World, resolve_device, world_from_env
 from dermfast.train.logs import CSVLog, TensorBoard, fmt
 from dermfast.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
 from dermfast.train.preflight import (NothingToDo, Signals, check_out, check_out_path, resume_command, resume_point,
-                                      thread_budget)
+                                      resume_threads, thread_budget)
 from dermfast.train.runlock import RunLock, RunLocked
 from dermfast.train.stages import Stage
 
@@ -121,13 +121,14 @@ def _train_locked(stage: Stage, cfg, argv, world: World, device, run_dir: Path, 
         from dermfast.data.loader import resolve_loader
         loader_kind = resolve_loader(cfg.loader, device)
     threads, workers, budget_line = thread_budget(cfg, world, loader_kind)
+    threads, threads_note = resume_threads(resume_from, threads, cfg, device)  # the checkpoint's, on CPU
     torch.set_num_threads(threads)
     dist.init(world, device)
     trainer = _Trainer(stage, cfg, run_dir, device, world, workers, threads, bf16, argv)
     try:
         if world.is_main:
             trainer.open_run_dir(resume_from is not None)
-            print(budget_line)
+            print(budget_line if threads_note is None else f"{budget_line}\n{threads_note}")
         dist.barrier()
         return trainer.run(resume_from)
     except BaseException:
@@ -524,6 +525,7 @@ class _Trainer:
                  "samples_in_epoch": self.samples_in_epoch if mid_epoch else 0,
                  "skipped": int(self.counters[0]), "bad_in_row": int(self.counters[1]), "best": self.best,
                  "running": [float(self.running), int(self.n_running)], "world_size": self.world.world_size,
+                 "threads": torch.get_num_threads(),  # CPU sums depend on it (preflight.resume_threads)
                  "per_rank": per_rank, "optimizer": optim_meta, "stage_extra": extra_meta,
                  "config": config_dict(self.cfg), "finished": False,
                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -13,7 +13,8 @@ from dermfast.train import checkpoint as ckpt
 from dermfast.train.config import ConfigError, config_dict
 from dermfast.train.distributed import World
 
-# Options that may differ between a run and its resumption (they change neither the math nor the data).
+# Options that may differ between a run and its resumption (they change neither the math nor the data; except
+# --threads on CPU: see `resume_threads`).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "device", "workers", "threads", "checkpoint_every",
                      "keep_checkpoints", "log_every", "eval_every", "max_bad_steps", "compile"}
 # Options that lengthen (or shorten) a run resumed with --resume auto: the schedule is recomputed (printed).
@@ -65,6 +66,27 @@ def thread_budget(cfg, world: World, loader_kind: str | None) -> tuple[int, int,
     if threads + workers > cores:
         line += f" (over the {cores} cores: expect contention; lower --threads or --workers)"
     return threads, workers, line
+
+
+def resume_threads(resume_from: Path | None, threads: int, cfg, device) -> tuple[int, str | None]:
+    """(torch intra-op threads, a note or None) for a run resuming from `resume_from`.
+
+    On the CPU the thread count is part of the arithmetic: a reduction or GEMM split over 2 threads adds in
+    another order than over 1, so the losses differ in the last ulp, and AdamW turns ulp noise in parameters
+    whose true gradient is zero (the key part of qkv.bias) into steps of about lr either way. A resumed process
+    whose budget differs (fewer cores visible, another machine) therefore takes the count the checkpoint was
+    written with (state.json "threads"); an explicit --threads that differs is obeyed, with a note that the
+    resumption is not bit-exact. On CUDA the model's math is on the GPU: the budget stands."""
+    if resume_from is None or device.type != "cpu":
+        return threads, None
+    saved = json.loads((resume_from / "state.json").read_text()).get("threads")
+    if saved is None or saved == threads:
+        return threads, None
+    if cfg.threads > 0:
+        return threads, (f"resume: --threads {threads}, the checkpoint was written with {saved} torch threads: "
+                         "CPU reductions add in another order, so the resumed run is not bit-exact")
+    return saved, (f"resume: torch {saved} threads as in the checkpoint (this budget gives {threads}), so the "
+                   "CPU arithmetic of the resumed run is bit-exact")
 
 
 def _run_info(run_dir: Path) -> dict | None:
