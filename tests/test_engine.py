@@ -319,3 +319,14 @@ def test_log_shows_the_base_lr_not_a_layer_decayed_group(tmp_path, monkeypatch):
     assert toy(tmp_path, "decayed")[0] == 0
     plain, dec = rows(tmp_path / "plain" / "log.csv"), rows(tmp_path / "decayed" / "log.csv")
     assert [r["lr"] for r in dec] == [r["lr"] for r in plain] and float(dec[5]["lr"]) > 0
+
+
+def test_a_bad_streak_between_two_log_points_still_stops_the_run(tmp_path, capsys):
+    # the streak counter resets on the first finite step; the check at the next log point must still see it
+    code, out = toy(tmp_path, "between", "--max-bad-steps", "3", log_every=10, nan_at=[3, 4, 5])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not finite for 3 steps in a row (steps 4-6); stopped at step 10" in err[0], err
+    assert json.loads((out / "run.json").read_text())["status"] == "diverged"
+    # two shorter streaks are no divergence
+    assert toy(tmp_path, "two", "--max-bad-steps", "3", log_every=10, nan_at=[2, 3, 6, 7])[0] == 0

@@ -112,3 +112,35 @@ def test_two_runs_started_together_one_wins(tmp_path):
         assert any("in use by a running run" in e for _, e in results)
     log = (tmp_path / "same" / "log.csv").read_text().splitlines()
     assert sum(line.startswith("epoch,") for line in log) == 1 and len(log) == 25
+
+
+def test_resume_auto_never_wipes_a_finished_run_without_step_checkpoints(tmp_path, capsys):
+    import shutil
+    assert toy(tmp_path, "pruned")[0] == 0
+    out = tmp_path / "pruned"
+    shutil.rmtree(out / "checkpoints")  # a user saving space keeps only the final weights
+    before = (out / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+    assert toy(tmp_path, "pruned", "--resume", "auto")[0] == 0
+    assert "cannot be trained longer; nothing to resume" in capsys.readouterr().out
+    assert (out / "checkpoint.safetensors").read_bytes() == before and len(rows(out / "log.csv")) == 24
+
+
+def test_resume_auto_refuses_a_folder_of_another_stage(tmp_path, capsys):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"stage": "mae", "status": "interrupted", "step": 3}))
+    assert toy(tmp_path, "other", "--resume", "auto")[0] == 2
+    assert "holds a mae run, not a toy_engine_test run" in capsys.readouterr().err
+    assert (out / "run.json").is_file()
+
+
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default(tmp_path):
+    # an option added after the checkpoint was written (here clip_grad, as init_partial / ss_ratio were) was at
+    # its default then: that is no change of settings
+    assert toy(tmp_path, "old", signal_at=5)[0] == 143
+    for state in (tmp_path / "old" / "checkpoints").glob("step_*/state.json"):
+        data = json.loads(state.read_text())
+        del data["config"]["clip_grad"]
+        state.write_text(json.dumps(data))
+    assert toy(tmp_path, "old", "--resume", "auto", signal_at=5)[0] == 0

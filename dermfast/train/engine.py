@@ -151,8 +151,9 @@ class _Trainer:
         self.r = Run(cfg, run_dir, device, world, workers, threads, bf16)
         self.started = self.claimed = False
         self.skipped = self.bad_in_row = 0  # host copies, as of the last check point
-        # device truth: [steps skipped so far, non-finite steps in a row]
-        self.counters = torch.zeros(2, device=device)
+        # device truth: [steps skipped so far, non-finite steps in a row now, the longest such streak since the
+        # last check point, the step that streak ended at] (a streak can end between two check points)
+        self.counters = torch.zeros(4, device=device)
         # ranks agree on a stop signal at least this often (one process reads its own flag every step)
         self.agree_every = max(1, min(cfg.log_every, 10))
         self.samples_in_epoch = 0
@@ -403,6 +404,9 @@ class _Trainer:
         self.n_running += ok
         self.counters[0] += bad
         self.counters[1] = (self.counters[1] + 1.0) * bad
+        longer = self.counters[1] > self.counters[2]
+        self.counters[3] = torch.where(longer, float(r.step + 1), self.counters[3])
+        self.counters[2] = torch.maximum(self.counters[1], self.counters[2])
         self.last_norm = norm
         r.step += 1
         if applied:
@@ -418,15 +422,18 @@ class _Trainer:
         rank got a signal. Returns whether to stop."""
         cfg, r = self.cfg, self.r
         flags = torch.cat([self.counters, torch.full((1,), float(stop_requested), device=self.counters.device)])
-        skipped, in_row, stop = dist.all_reduce_(flags, "max").tolist()
+        skipped, in_row, worst, worst_end, stop = dist.all_reduce_(flags, "max").tolist()
         self.skipped, self.bad_in_row = int(skipped), int(in_row)
-        if self.bad_in_row >= cfg.max_bad_steps:
+        self.counters[2] = self.counters[1]  # the next interval's longest streak starts from the current one
+        self.counters[3] = float(r.step)
+        if worst >= cfg.max_bad_steps:
+            worst, end = int(worst), int(worst_end)
             last = ckpt.list_checkpoints(self.run_dir)
             keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
             self._status("diverged")
             raise TrainingError(
-                f"{self.stage.name}: the loss or gradient was not finite for {self.bad_in_row} steps in a row "
-                f"(steps {r.step - self.bad_in_row + 1}-{r.step}); stopped. {keep}. Lower --lr "
+                f"{self.stage.name}: the loss or gradient was not finite for {worst} steps in a row "
+                f"(steps {end - worst + 1}-{end}); stopped at step {r.step}. {keep}. Lower --lr "
                 f"(now {cfg.lr:.3g}) or set --clip-grad, then --resume it")
         return bool(stop)
 
@@ -523,7 +530,8 @@ class _Trainer:
         state = {"stage": self.stage.name, "step": r.step, "micro_step": r.micro_step,
                  "epoch": r.epoch if mid_epoch else r.epoch + 1, "mid_epoch": mid_epoch,
                  "samples_in_epoch": self.samples_in_epoch if mid_epoch else 0,
-                 "skipped": int(self.counters[0]), "bad_in_row": int(self.counters[1]), "best": self.best,
+                 "skipped": int(self.counters[0]), "bad_in_row": int(self.counters[1]),
+                 "bad_streak": [int(self.counters[2]), int(self.counters[3])], "best": self.best,
                  "running": [float(self.running), int(self.n_running)], "world_size": self.world.world_size,
                  "threads": torch.get_num_threads(),  # CPU sums depend on it (preflight.resume_threads)
                  "per_rank": per_rank, "optimizer": optim_meta, "stage_extra": extra_meta,
@@ -550,7 +558,8 @@ class _Trainer:
         self.start_epoch = state["epoch"]
         self.samples_in_epoch = state["samples_in_epoch"]
         self.skipped, self.bad_in_row, self.best = state["skipped"], state["bad_in_row"], state["best"]
-        self.counters.copy_(torch.tensor([float(self.skipped), float(self.bad_in_row)]))
+        streak = state.get("bad_streak", [self.bad_in_row, state["step"]])
+        self.counters.copy_(torch.tensor([float(self.skipped), float(self.bad_in_row), *map(float, streak)]))
         self.running.fill_(state["running"][0])
         self.n_running.fill_(state["running"][1])
         same_world = state["world_size"] == self.world.world_size

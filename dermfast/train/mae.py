@@ -94,8 +94,9 @@ class MAEStage(Stage):
         rng = run.cfg.mask_ratio_range
         # ragged: each rank's loss weighted by its share of the removed patches, so N ranks of batch b train as
         # one process of batch N x b (the keep counts are host values of the global sample index)
-        extra = {} if rng is None else {"mask_ratio_range": tuple(rng),
-                                        "dp_batch": run.batch_size * run.world.world_size}
+        extra = {} if rng is None else {"mask_ratio_range": tuple(rng)}
+        if rng is not None and run.world.world_size > 1:
+            extra["dp_batch"] = batch["image"].shape[0] * run.world.world_size
         loss, _, _ = run.model(batch["image"], seed=run.cfg.seed, step=run.micro_step,
                                sample_offset=run.sample_offset, **extra)
         return loss, {}

@@ -2,6 +2,7 @@
 writability), the resume point (same settings), signal handling, the resume hint. Nothing here writes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -144,6 +145,7 @@ def resume_point(cfg, stage: str, run_dir: Path) -> Path | None:
         return None
     auto = cfg.resume == "auto"
     if auto and not ckpt.list_checkpoints(run_dir):
+        _fresh_start_allowed(run_dir, stage)
         return None
     try:
         path = ckpt.find_resume(cfg.resume, run_dir)
@@ -161,12 +163,43 @@ def resume_point(cfg, stage: str, run_dir: Path) -> Path | None:
         raise NothingToDo(f"{run_dir}: the {stage} run finished at step {state['step']}; nothing to resume "
                           "(more --epochs with --resume auto trains it longer)")
     allowed = RESUMABLE_CHANGES | (SCHEDULE_CHANGES if auto else set())
-    diff = sorted(k for k in set(saved) | set(now) if k not in allowed and saved.get(k) != now.get(k))
+    defaults = _defaults(cfg)  # an option newer than the checkpoint was at its default then
+    diff = sorted(k for k in set(saved) | set(now)
+                  if k not in allowed and saved.get(k, defaults.get(k)) != now.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"--resume: options differ from the checkpoint's ({shown}); an exact resume needs the "
                           f"same settings (give the run's config.yaml with --config)")
     return path
+
+
+def _defaults(cfg) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _fresh_start_allowed(run_dir: Path, stage: str) -> None:
+    """--resume auto found no step checkpoint: starting afresh (which clears the folder's run files) is right
+    only for a run killed before its first checkpoint. A finished run whose checkpoints/ was pruned raises
+    NothingToDo; anything else there is refused."""
+    info = _run_info(run_dir) if run_dir.is_dir() else None
+    if info is None:
+        return
+    status = info.get("status")
+    if info.get("stage") != stage:
+        raise ConfigError(f"--out {str(run_dir)!r} holds a {info.get('stage', 'unrecognised')} run, not a {stage} "
+                          "run; give another --out")
+    if status == "finished" or (run_dir / "checkpoint.safetensors").is_file():
+        raise NothingToDo(f"{run_dir}: the {stage} run finished (checkpoint.safetensors) and keeps no step "
+                          "checkpoint, so it cannot be trained longer; nothing to resume")
+    if status not in ("running", "interrupted", "diverged"):
+        raise ConfigError(f"--out {str(run_dir)!r} holds a {status} run and no checkpoint to resume; "
+                          "--overwrite replaces it, or give another --out")
 
 
 class Signals:
