@@ -27,6 +27,7 @@ from typing import Mapping, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+from dermfast.paths import default_cache_dir  # noqa: F401  (also dermfast.data.toy.default_cache_dir)
 
 CLASSES: tuple[str, ...] = ("nv", "mel", "bkl", "bcc", "akiec", "vasc", "df")
 HAM10000_COUNTS: Mapping[str, int] = MappingProxyType(
@@ -315,13 +316,6 @@ def render_lesion(rng: np.random.Generator, label: str, size: int) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------- the dataset
-def default_cache_dir() -> Path:
-    """$DERMFAST_CACHE if set, else $XDG_CACHE_HOME/dermfast, else ~/.cache/dermfast."""
-    if os.environ.get("DERMFAST_CACHE"):
-        return Path(os.environ["DERMFAST_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dermfast"
-
-
 def _read_meta(root: Path) -> dict | None:
     try:
         return json.loads((root / "meta.json").read_text())

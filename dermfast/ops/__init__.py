@@ -11,6 +11,7 @@ from dermfast.ops.masked_attention_op import masked_attention, masked_attention_
 from dermfast.ops.masked_patch_embed_op import masked_patch_embed, masked_patch_embed_ref
 from dermfast.ops.random_masking_op import (MaskingResult, random_masking, random_masking_indices,
                                             random_masking_ref)
+from dermfast.ops import selftest  # noqa: F401  (installs the self-test into automatic dispatch)
 from dermfast.ops.registry import (BACKENDS, BackendUnavailable, Query, get_backend, ops, set_backend,
                                    use_backend)
 

@@ -10,6 +10,11 @@ can serve it, or a one-line reason when it cannot.
 - Explicit choice (`backend=` argument, `set_backend()`, or the environment variable `DERMFAST_BACKEND`, read
   once at import): if that backend cannot serve the call, `BackendUnavailable` is raised listing the reason
   of every backend, as xformers' dispatcher does.
+- Capability comes first: the cuda backend is refused when the device's compute capability is not among the
+  archs dermfast._C was compiled for, or the driver is older than the runtime it was linked with; triton when
+  Triton cannot target the device or dtype. Then proof: an automatically chosen non-torch backend serves only
+  once it has passed its self-test on this device and dtype (dermfast/ops/selftest.py; DERMFAST_SELFTEST=0 turns
+  it off). A backend named explicitly is checked for capability only.
 """
 from __future__ import annotations
 
@@ -121,15 +126,36 @@ class Op:
                 f"device={q.device.type}, dtype={str(q.dtype).removeprefix('torch.')}, sizes={dict(q.sizes)}"
                 f" ({lines})"
             )
+        failed: dict[str, str] = {}
         for b in BACKENDS:
             impl = self.impls.get(b)
             if impl is not None and impl.supports(q) is None and not (b == "triton" and q.device.type == "cpu"):
-                return impl
-        lines = "; ".join(f"{b}: {r}" for b, r in self.reasons(q).items())
+                why = None if b == "torch" else _unproven(self, b, q)  # the torch reference is the spec
+                if why is None:
+                    return impl
+                failed[b] = why
+        lines = "; ".join(f"{b}: {failed.get(b, r)}" for b, r in self.reasons(q).items())
         raise BackendUnavailable(f"{self.name}: no backend can serve this call ({lines})")
 
     def __call__(self, q: Query, *args, backend: str | None = None, **kwargs):
         return self.select(q, backend).fn(*args, **kwargs)
+
+
+# (op name, backend, Query) -> None if the backend has proven itself there, else why not. dermfast.ops.selftest
+# installs it when dermfast.ops is imported (which importing this module does first); the arrow points from the
+# self-test to the registry, never back.
+Prover = Callable[[str, str, Query], "str | None"]
+_prover: Prover | None = None
+
+
+def set_prover(fn: Prover | None) -> None:
+    global _prover
+    _prover = fn
+
+
+def _unproven(op: Op, backend: str, q: Query) -> str | None:
+    """None once `backend` has passed the self-test of `op` on q's device and dtype, else why not."""
+    return None if _prover is None else _prover(op.name, backend, q)
 
 
 _OPS: dict[str, Op] = {}
@@ -159,22 +185,97 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# What Triton can target: NVIDIA GPUs of compute capability >= 7.5 (its documented minimum); bf16 from sm_80
+# (earlier GPUs have no bf16 instructions). Under the interpreter bf16 arithmetic is wrong (raw bits: see
+# DESIGN.md, "Interpreter facts"), so interpreted bf16 is refused.
+TRITON_MIN_CAPABILITY = (7, 5)
+TRITON_BF16_MIN_CAPABILITY = (8, 0)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (tests monkeypatch this to fake a GPU)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def needs_triton_device(q: Query) -> str | None:
     """Triton serves CUDA tensors, and CPU tensors under the interpreter (explicit requests only, see select)."""
     from dermfast import _optional
     if not _optional.HAS_TRITON:
         return f"triton is not importable ({_optional.TRITON_REASON})"
-    if q.device.type == "cuda" or (q.device.type == "cpu" and triton_interpreter_on()):
+    if q.device.type == "cpu" and triton_interpreter_on():
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 is computed wrongly by the Triton interpreter (TRITON_INTERPRET=1); use a GPU"
         return None
-    return f"needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got a {q.device.type} tensor"
+    if q.device.type != "cuda":
+        return f"needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got a {q.device.type} tensor"
+    if torch.version.hip is None:
+        cap = device_capability(q.device)
+        if cap < TRITON_MIN_CAPABILITY:
+            return f"Triton needs compute capability >= 7.5, this GPU is sm_{cap[0]}{cap[1]}"
+        if q.dtype == torch.bfloat16 and cap < TRITON_BF16_MIN_CAPABILITY:
+            return f"bfloat16 needs compute capability >= 8.0, this GPU is sm_{cap[0]}{cap[1]}"
+    return None
+
+
+def parse_archs(archs: str) -> list[tuple[int, int, str]]:
+    """CMAKE_CUDA_ARCHITECTURES as recorded by dermfast._C ('80,90', '90a-real', '86-virtual') ->
+    [(major, minor, kind)], kind 'sass+ptx' (a plain number), 'sass' (-real), 'ptx' (-virtual), 'specific'
+    (an 'a'/'f' arch: SASS for exactly that GPU). Entries it cannot read (all, native, unknown) are skipped."""
+    out = []
+    for item in archs.replace(";", ",").split(","):
+        item = item.strip().lower()
+        kind = "sass+ptx"
+        if item.endswith("-real"):
+            item, kind = item[:-5], "sass"
+        elif item.endswith("-virtual"):
+            item, kind = item[:-8], "ptx"
+        if item[-1:] in ("a", "f"):
+            item, kind = item[:-1], "specific"
+        if item.isdigit() and len(item) >= 2:
+            out.append((int(item[:-1]), int(item[-1]), kind))
+    return out
+
+
+def arch_reason(cap: tuple[int, int], archs: str, ptx_jit: bool = True) -> str | None:
+    """None if code compiled for `archs` runs on a GPU of compute capability `cap`, else why not.
+
+    CUDA's rules: SASS for sm_XY runs on sm_XZ with Z >= Y (same major); an arch-specific 'a' cubin only on
+    exactly that GPU; PTX for compute_XY is JIT-compiled by the driver for any GPU >= XY (not when the driver is
+    older than the runtime: ptx_jit=False). Archs the build could not name ('all', 'native') are trusted."""
+    parsed = parse_archs(archs)
+    if not parsed:
+        return None
+    for major, minor, kind in parsed:
+        if kind == "specific" and cap == (major, minor):
+            return None
+        if kind in ("sass", "sass+ptx") and cap[0] == major and cap[1] >= minor:
+            return None
+        if ptx_jit and kind in ("ptx", "sass+ptx") and cap >= (major, minor):
+            return None
+    return (f"dermfast._C was compiled for CUDA archs {archs}, which cannot run on this sm_{cap[0]}{cap[1]} GPU "
+            f"(rebuild with DERMFAST_CUDA_ARCHS={cap[0]}{cap[1]})")
+
+
+def _version_str(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
 
 
 def needs_cuda_ext(q: Query) -> str | None:
-    """The compiled csrc/ extension, built with nvcc, and a CUDA tensor."""
+    """The compiled csrc/ extension, built with nvcc, a CUDA tensor, a driver at least as new as the runtime
+    linked into the extension, and code for the device's architecture."""
     from dermfast import _optional
     if not _optional.HAS_CUDA_EXT:
         return f"the compiled extension dermfast._C is not importable ({_optional.CUDA_EXT_REASON})"
-    return needs_cuda_device(q)
+    reason = needs_cuda_device(q)
+    if reason is not None:
+        return reason
+    ext = _optional.cuda_ext
+    runtime, driver = ext.cuda_runtime_version(), ext.cuda_driver_version()
+    if driver < runtime and driver // 1000 != runtime // 1000:  # minor-version compatibility holds within a major
+        return (f"the driver supports CUDA {_version_str(driver)} but dermfast._C links the CUDA "
+                f"{_version_str(runtime)} runtime (update the driver)" if driver else
+                "no CUDA driver was found by dermfast._C")
+    return arch_reason(device_capability(q.device), ext.compiled_cuda_archs(), ptx_jit=driver >= runtime)
 
 
 def dtype_in(*dtypes: torch.dtype) -> Supports:
