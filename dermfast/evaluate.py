@@ -1,4 +1,6 @@
 """`python -m dermfast.evaluate --checkpoint RUN [RUN ...] [--data PATH] [--out DIR] [--positive CLASS] [--tta]`
+`python -m dermfast.evaluate --checkpoint MAE_RUN --probe linear|knn [--data PATH]`: linear / k-NN probe of a
+frozen MAE encoder (`dermfast.eval.probe`), the same metrics block in RUN/probe-KIND/metrics.json.
 
 Evaluates a fine-tuned or distilled classifier (a run directory or a checkpoint file) on its own run's test split
 (the run's splits.csv over the dataset its config.yaml names), or on any dataset `--data` names (any adapter
@@ -11,6 +13,10 @@ confusion_matrix, n, positive_class, checkpoint, data, and more), OUT/prediction
 `ci` holds 95% percentile-bootstrap intervals over images (stratified by class, `--bootstrap` resamples, seed 0)
 of accuracy, balanced_accuracy, macro_f1, auroc and pauc_80tpr; `small_test_set` a warning (also printed) when
 the set is too small to compare models: < 30 images or < 10 of the positive class (dermfast.eval.metrics).
+`baseline`: the run's trivial baseline (RUN/baseline/, colour histograms + logistic regression fitted on the
+run's training split at the end of --stage finetune / distill; `dermfast.eval.baseline`) scored on the same
+images with the same metrics (null for runs without one); `baseline_verdict`: a sentence (also printed, and at
+the top of report.html) when the model does not beat it on balanced accuracy or AUROC, else null.
 Bad input (a checkpoint of another stage, mismatched classes, an empty or single-class evaluation set) is one
 line on stderr and exit code 2.
 """
@@ -213,6 +219,95 @@ def _report(out: Path, metrics, member_metrics, classes, y, probs, records, memb
     R.write_report(out / "report.html", metrics, member_metrics, classes, figures, errors, explanations, method, notes)
 
 
+def _baseline(first: Path, records, y, classes, positive, n_boot: int, metrics: dict, n_members: int,
+              notes: list) -> tuple[dict | None, str | None]:
+    """The run's trivial baseline (RUN/baseline/, `dermfast.eval.baseline`) scored on the same images with the
+    same metrics, and the sentence saying the model does not beat it (None when it does). (None, None) when
+    the run has no baseline (runs from before it existed): said in notes."""
+    from dermfast.eval import baseline as B
+    from dermfast.eval import metrics as M
+    folder = (_run_dir_of(first) or first.parent) / "baseline"
+    try:
+        base = B.load(folder)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if base is None:
+        notes.append(f"no trivial baseline: {folder} does not exist (the run predates it)")
+        return None, None
+    if base.classes != list(classes):
+        raise EvalError(f"{folder}: the baseline's classes {base.classes} are not the model's {list(classes)}")
+    probs = base.predict_records(records)
+    block = M.compute_all(y, probs, classes, positive)
+    if n_boot > 0:
+        block["ci"] = M.bootstrap_ci(y, probs, classes, positive, n_boot=n_boot, seed=0)
+    block.update(name=B.NAME, path=str(folder), n_train=base.spec.get("n_train"),
+                 recipe={k: base.spec.get(k) for k in ("size", "resize", "features", "classifier")})
+    notes.append(f"baseline: {B.NAME} fitted on the run's {base.spec.get('n_train')} training images "
+                 f"({folder})" + ("; of the first ensemble member's run" if n_members > 1 else ""))
+    return block, B.verdict(metrics, block, "the ensemble" if n_members > 1 else "the model")
+
+
+def evaluate_probe(args, device) -> dict:
+    """--probe linear|knn on an MAE run (`dermfast.eval.probe`): frozen-encoder features of the run's training
+    split, a linear or k-NN classifier fitted on them, scored on the test split (or --data) with the metrics
+    of a classifier. Writes OUT/metrics.json and OUT/predictions.csv (default OUT: RUN/probe-KIND)."""
+    from dermfast.data.augment import Augment
+    from dermfast.data.loader import build_loader
+    from dermfast.eval import metrics as M
+    from dermfast.eval import probe as P
+    if len(args.checkpoint) != 1:
+        raise EvalError("--probe takes one MAE run")
+    try:
+        model, meta, ckpt = P.load_mae(args.checkpoint[0], device)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    train, train_desc = own_split(ckpt, "train")
+    if not train.classes or (train.labels < 0).any():
+        raise EvalError(f"--probe needs labelled training images; {train_desc} has unlabelled ones")
+    classes = list(train.classes)
+    y_train = train.labels
+    if len(np.unique(y_train)) < 2:
+        raise EvalError(f"--probe needs two classes in the training split ({train_desc})")
+    records, data_desc = data_records(args.data) if args.data is not None else own_split(ckpt, args.split)
+    if len(records) == 0:
+        raise EvalError(f"the evaluation set is empty ({data_desc})")
+    y = match_classes(records, classes)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise EvalError(f"the evaluation set holds a single class ({classes[present[0]]!r}, {len(y)} images): "
+                        "balanced accuracy and AUROC are undefined; evaluate on data with at least two classes")
+    positive = args.positive
+    if positive is not None and positive not in classes:
+        raise EvalError(f"--positive {positive!r} is not a class of the run's data; accepted: {', '.join(classes)}")
+    positive = positive or M.default_positive(classes)
+    aug = Augment(size=int(meta["preset"]["img_size"]))  # evaluation preprocessing, ImageNet mean / std
+    feats = []
+    for recs in (train, records):
+        loader = build_loader(recs, aug, args.batch_size, train=False, loader=args.loader, device=device,
+                              workers=args.workers)
+        feats.append(P.encoder_features(model, loader, device)[0])
+    probs, how = P.probe(args.probe, feats[0], y_train, feats[1], classes)
+    metrics = M.compute_all(y, probs, classes, positive)
+    if args.bootstrap > 0:
+        metrics["ci"] = M.bootstrap_ci(y, probs, classes, positive, n_boot=args.bootstrap, seed=0)
+    metrics["small_test_set"] = M.small_test_warning(y, classes, positive)
+    metrics.update(checkpoint=str(ckpt), data=data_desc, probe=args.probe, probe_method=how,
+                   features="frozen MAE encoder, no masking, mean of the normed patch tokens",
+                   n_train=int(len(y_train)), train=train_desc, classes=classes,
+                   present_classes=[classes[k] for k in present], tta=False)
+    out = Path(args.out) if args.out else (_run_dir_of(ckpt) or ckpt.parent) / f"probe-{args.probe}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "predicted", *[f"p_{c}" for c in classes]])
+        for i in range(len(y)):
+            w.writerow([records.paths[i], classes[y[i]], classes[int(probs[i].argmax())],
+                        *[f"{v:.6f}" for v in probs[i]]])
+    metrics["out"] = str(out)
+    return metrics
+
+
 def evaluate(args) -> dict:
     from dermfast.data.loader import build_loader
     from dermfast.device import resolve_device
@@ -221,6 +316,8 @@ def evaluate(args) -> dict:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as e:
         raise EvalError(f"bad --device {args.device!r}: {e}") from None
+    if getattr(args, "probe", None):
+        return evaluate_probe(args, device)
     members, classes = _load_members(args.checkpoint, device)
     first = Path(members[0][1]["checkpoint_path"])
     if args.data is not None:
@@ -260,6 +357,9 @@ def evaluate(args) -> dict:
             member_metrics.append({"checkpoint": path, **M.compute_all(y, p, classes, positive)})
         metrics["members"] = member_metrics
 
+    notes = []
+    metrics["baseline"], metrics["baseline_verdict"] = _baseline(first, records, y, classes, positive, n_boot,
+                                                                 metrics, len(members), notes)
     out = Path(args.out) if args.out else (_run_dir_of(first) or first.parent) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -269,7 +369,7 @@ def evaluate(args) -> dict:
         for i in range(len(y)):
             w.writerow([records.paths[i], classes[y[i]], classes[int(probs[i].argmax())],
                         *[f"{v:.6f}" for v in probs[i]]])
-    notes = [f"{len(y)} images; classes present: {', '.join(metrics['present_classes'])}"]
+    notes.insert(0, f"{len(y)} images; classes present: {', '.join(metrics['present_classes'])}")
     if "ci" in metrics:
         notes.append(f"[low, high]: {metrics['ci']['level']:.0%} interval, {metrics['ci']['method']}")
     if args.tta:
@@ -298,6 +398,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", type=int, default=4, help="most confident errors shown per class (default 4)")
     p.add_argument("--explain", type=int, default=4, help="images with Grad-CAM / attention rollout (default 4)")
     p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.html")
+    p.add_argument("--probe", choices=("linear", "knn"), help="on an MAE run: frozen-encoder features of its training "
+                   "split, logistic regression (linear) or DINO's weighted k-NN (k=20, cosine), scored on its test "
+                   "split or --data (dermfast.eval.probe); writes RUN/probe-KIND/metrics.json")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% confidence intervals "
                    "(percentile bootstrap over images, stratified by class, seed 0; 0 = none; default 1000)")
     return p
@@ -317,11 +420,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
     ci = m.get("ci") or {}
-    iv = lambda k: f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" if ci.get(k) else ""  # noqa: E731
+    iv_of = lambda d, k: (f" [{d['ci'][k][0]:.2f}, {d['ci'][k][1]:.2f}]"  # noqa: E731
+                          if (d.get("ci") or {}).get(k) else "")
+    iv = lambda k: iv_of(m, k)  # noqa: E731
     print(f"evaluate: n {m['n']}, accuracy {fmt(m['accuracy'])}, balanced accuracy {fmt(m['balanced_accuracy'])}"
           f"{iv('balanced_accuracy')}, macro F1 {fmt(m['macro_f1'])}, AUROC {fmt(m['auroc'])}{iv('auroc')}, "
           f"pAUC>80%TPR {fmt(m['pauc_80tpr'])} (positive {m['positive_class']}), ECE {fmt(m['ece'])} "
-          f"-> {m['out']}/metrics.json, report.html" + (" ([low, high]: 95% bootstrap intervals)" if ci else ""))
+          f"-> {m['out']}/metrics.json" + ("" if m.get("probe") else ", report.html")
+          + (" ([low, high]: 95% bootstrap intervals)" if ci else ""))
+    if m.get("probe"):
+        print(f"evaluate: --probe {m['probe']}: {m['probe_method']} on {m['features']}, fitted on "
+              f"{m['n_train']} training images ({m['train']})")
+    b = m.get("baseline")
+    if b:
+        print(f"evaluate: trivial baseline ({b['name']}): balanced accuracy {fmt(b['balanced_accuracy'])}"
+              f"{iv_of(b, 'balanced_accuracy')}, AUROC {fmt(b['auroc'])}{iv_of(b, 'auroc')}")
+    if m.get("baseline_verdict"):
+        print(f"evaluate: warning: {m['baseline_verdict']}", file=sys.stderr)
     if m.get("small_test_set"):
         print(f"evaluate: warning: {m['small_test_set']}", file=sys.stderr)
     return 0

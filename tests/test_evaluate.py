@@ -263,3 +263,38 @@ def test_tiny_test_set_gets_intervals_and_a_warning(tmp_path, capsys, monkeypatc
     rc, out = run(["--checkpoint", str(ckpt), "--data", str(tiny), "--out", str(tmp_path / "ev0"),
                    "--bootstrap", "0", "--no-report"], capsys)
     assert rc == 0 and "ci" not in json.loads((tmp_path / "ev0/metrics.json").read_text())
+
+
+def test_trivial_baseline_beside_the_model_and_the_verdict(tmp_path, data, capsys, monkeypatch):
+    """Issue 18: RUN/baseline/ (colour histograms + logistic regression) is scored on the same images; a model
+    that does not beat it is told so in plain words (stderr, metrics.json, report.html); a run without one says so."""
+    monkeypatch.setenv("DERMFAST_CACHE", str(tmp_path / "cache"))
+    from dermfast.data.adapters import open_any
+    from dermfast.eval import baseline as B
+    ckpt = make_run(tmp_path / "a")
+    rc, out = run(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev0"), "--explain", "0",
+                   "--bootstrap", "0"], capsys)
+    m = json.loads((tmp_path / "ev0/metrics.json").read_text())
+    assert rc == 0 and m["baseline"] is None and m["baseline_verdict"] is None
+    assert "no trivial baseline" in (tmp_path / "ev0/report.html").read_text()
+
+    rec = open_any(str(data))  # dark (melanoma) vs light blobs: colour alone separates them
+    y = np.array([MODEL_CLASSES.index(rec.classes[k]) for k in rec.labels])
+    B.fit(B.record_features(rec), y, MODEL_CLASSES).save(ckpt / "baseline")
+    rc, out = run(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev"), "--explain", "0",
+                   "--bootstrap", "0"], capsys)
+    assert rc == 0, out.err
+    m = json.loads((tmp_path / "ev/metrics.json").read_text())
+    b = m["baseline"]
+    assert b["n"] == 16 and b["balanced_accuracy"] == 1.0 and b["n_train"] == 16
+    assert m["balanced_accuracy"] < 1.0  # a random model
+    assert m["baseline_verdict"].startswith("the model does not beat the trivial baseline")
+    assert f"balanced accuracy {m['balanced_accuracy']:.4f} vs 1.0000" in m["baseline_verdict"]
+    assert f"warning: {m['baseline_verdict']}" in out.err
+    assert "trivial baseline (colour histogram + logistic regression): balanced accuracy 1.0000" in out.out
+    page = (tmp_path / "ev/report.html").read_text()
+    assert "<th>trivial baseline</th>" in page and "does not beat the trivial baseline" in page
+
+    (ckpt / "baseline/spec.json").write_text(json.dumps({"format": "pickle"}))
+    rc, out = run(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev2")], capsys)
+    assert rc == 2 and "not a dermfast-colour-histogram-logreg version 1 baseline" in out.err

@@ -3,7 +3,9 @@
 Metrics carry their bootstrap intervals ("ci" of the metrics dict, shown as [low, high] after each value) and a
 small evaluation set its warning ("small_test_set") at the top.
 Figures are drawn on matplotlib `Figure` objects with the Agg canvas, never through pyplot, so no global
-backend or figure state is touched. Sections: metrics table (the ensemble beside each member), per-class
+backend or figure state is touched. Sections: metrics table (the ensemble beside each member, and the run's
+trivial colour-histogram baseline, "baseline" of the metrics dict, with a warning when the model does not beat
+it: "baseline_verdict"), per-class
 table, confusion matrix, ROC and precision-recall curves (one-vs-rest per class; binary problems show the
 positive class), reliability diagram, the most confident errors per true class as thumbnails, and Grad-CAM /
 attention-rollout overlays.
@@ -129,6 +131,8 @@ def write_report(path: Path, metrics: dict, members: list[dict], classes: list[s
     figures: {title: png}; errors: {true class: [(thumbnail png, caption)]}; explanations: [(png, caption)]."""
     cols = [("ensemble" if members else "model", metrics)] + [(Path(m["checkpoint"]).parent.name or m["checkpoint"], m)
                                                                for m in members]
+    if metrics.get("baseline"):  # the trivial baseline (dermfast.eval.baseline) on the same images
+        cols.append(("trivial baseline", metrics["baseline"]))
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
     rows = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(m.get(k))}{_interval(m, k)}</td>" for _, m in cols)
                    + "</tr>" for k, label in SUMMARY_KEYS)
@@ -137,6 +141,13 @@ def write_report(path: Path, metrics: dict, members: list[dict], classes: list[s
                if ci else "")
     warn_html = (f'<p class=warn><b>warning:</b> {html.escape(metrics["small_test_set"])}</p>'
                  if metrics.get("small_test_set") else "")
+    if metrics.get("baseline_verdict"):
+        warn_html += f'<p class=warn><b>warning:</b> {html.escape(metrics["baseline_verdict"])}</p>'
+    base = metrics.get("baseline")
+    base_html = (f"<p>trivial baseline: {html.escape(str(base.get('name')))}, fitted on the run's "
+                 f"{_fmt(base.get('n_train'))} training images ("
+                 + html.escape("; ".join(f"{k}: {v}" for k, v in (base.get("recipe") or {}).items())) + ").</p>"
+                 if base else "")
     pc = metrics["per_class"]
     pc_rows = "".join(
         f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(pc[c].get(k))}</td>"
@@ -164,7 +175,7 @@ figure{{display:inline-block;margin:6px;vertical-align:top}} figcaption{{font-si
 <p>checkpoint: {html.escape(str(metrics.get("checkpoint")))}<br>data: {html.escape(str(metrics.get("data")))}<br>
 positive class (pAUC, sensitivity): {_fmt(metrics.get("positive_class"))}</p>
 {warn_html}<ul>{note_html}</ul>
-<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>{ci_html}
+<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>{ci_html}{base_html}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>AUROC (OvR)</th>
 <th>support</th></tr>{pc_rows}</table>
 <h2>Figures</h2>{figs}

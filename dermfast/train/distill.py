@@ -551,6 +551,8 @@ class DistillStage(Stage):
                                    kd=cfg.kd, temperature=cfg.temperature)
 
     def finish(self, run) -> list:
+        from dermfast.eval.baseline import run_baseline  # RUN/baseline/: the trivial baseline evaluate compares with
+        files = run_baseline(run, self.train_rec, self.val_rec, self.classes, self.positive, "distill")
         run.log(f"distill: evaluate with `python -m dermfast.evaluate --checkpoint {run.run_dir}`, export with "
                 f"`python -m dermfast.export --checkpoint {run.run_dir} --format onnx`")
-        return []
+        return files

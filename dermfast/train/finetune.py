@@ -347,6 +347,8 @@ class FinetuneStage(Stage):
         return classifier_metadata(self.spec, self.classes, stage="finetune", **extra)
 
     def finish(self, run) -> list:
+        from dermfast.eval.baseline import run_baseline  # RUN/baseline/: the trivial baseline evaluate compares with
+        files = run_baseline(run, self.train_rec, self.val_rec, self.classes, self.positive, "finetune")
         run.log(f"finetune: evaluate with `python -m dermfast.evaluate --checkpoint {run.run_dir}`, export with "
                 f"`python -m dermfast.export --checkpoint {run.run_dir} --format onnx`")
-        return []
+        return files
