@@ -158,3 +158,178 @@ def test_gpu_patched_vit_bf16():
     ref = copy.deepcopy(original).double()(x.double())
     err, base = (got.double() - ref).abs().max(), (want.double() - ref).abs().max()
     assert err <= 2 * base + 1e-3
+
+
+# EvaAttention / AttentionRope (rotary ViTs) and the patch report ------------------------------------------
+
+ROPE_FAMILIES = {  # timm model name -> tiny overrides (no weights: pretrained=False)
+    "eva02_tiny_patch14_224": dict(img_size=28, patch_size=7),  # EvaAttention, RotaryEmbeddingCat
+    "vit_small_patch16_rope_224": dict(img_size=32, patch_size=8),  # AttentionRope, axial rope
+    "vit_small_patch16_rope_mixed_224": dict(img_size=32, patch_size=8),  # AttentionRope, per-head mixed rope
+}
+
+
+def randomize_(model, std=0.3):
+    """Random weights everywhere (zero-initialised q / v biases and 1e-5 layer scales would hide attention)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def count_masked_attention(monkeypatch):
+    import dermfast.models.attention as attention
+    calls = []
+    op = attention.masked_attention
+
+    def spy(*args, **kw):
+        calls.append(args[0].shape)
+        return op(*args, **kw)
+    monkeypatch.setattr(attention, "masked_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_FAMILIES))
+def test_patched_rope_vit_matches_original_float64(name, monkeypatch):
+    kw = ROPE_FAMILIES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, embed_dim=48, num_heads=2, depth=2,
+                              **kw).double()
+    randomize_(model)
+    original = copy.deepcopy(model)
+    calls = count_masked_attention(monkeypatch)
+    assert dermfast.patch_timm(model) is model
+    report = dermfast.patch_report(model)
+    assert len(report.swapped) == 2 and not report.left
+    cls = type(model.blocks[0].attn).__name__
+    assert cls in ("MaskedEvaAttention", "MaskedAttentionRope")
+    x = torch.randn(2, 3, kw["img_size"], kw["img_size"], dtype=torch.float64)
+    for mode in ("eval", "train"):  # the tiny configs have no dropout: train runs the fused path too
+        getattr(model, mode)(), getattr(original, mode)()
+        model.zero_grad(), original.zero_grad()
+        got, want = model(x), original(x)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        (got.sin() * torch.arange(3.0, dtype=torch.float64)).sum().backward()
+        (want.sin() * torch.arange(3.0, dtype=torch.float64)).sum().backward()
+        for (pname, a), (_, b) in zip(model.named_parameters(), original.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=pname)
+    assert len(calls) == 4  # 2 blocks x (eval, train): the fused op ran, not timm's SDPA
+    # the rotary embedding reaches the result: the other rope layout changes it
+    for m in model.modules():
+        if hasattr(m, "rotate_half"):
+            m.rotate_half = not m.rotate_half
+    assert (model(x) - original(x)).abs().max() > 1e-3
+
+
+def test_rope_attention_modules_options():
+    """Module level: GQA (AttentionRope, separate projections), rotate_half, qkv_bias_separate, qk_norm, gate,
+    scale_norm, prefix tokens, against timm's own forward with a random rope tensor, float64."""
+    from timm.layers import AttentionRope
+    from timm.models.eva import EvaAttention
+    torch.manual_seed(1)
+    N, npt, Dh = 9, 2, 16
+    cases = [
+        AttentionRope(64, num_heads=4, qkv_fused=False, num_kv_heads=2, rotate_half=True, num_prefix_tokens=npt,
+                      qk_norm=True, norm_layer=torch.nn.LayerNorm, gated=True),
+        AttentionRope(64, num_heads=4, num_prefix_tokens=npt, scale_norm=True, norm_layer=torch.nn.LayerNorm),
+        EvaAttention(64, num_heads=4, qkv_bias_separate=True, num_prefix_tokens=npt, norm_layer=torch.nn.LayerNorm),
+        EvaAttention(64, num_heads=4, qkv_fused=False, num_prefix_tokens=npt, rotate_half=True,
+                     norm_layer=torch.nn.LayerNorm, qk_norm=True),
+    ]
+    for plain in cases:
+        randomize_(plain.double()).eval()
+        masked = copy.deepcopy(plain)
+        dermfast.patch_timm(masked)
+        assert type(masked).__name__.startswith("Masked")
+        x = torch.randn(2, N, 64, dtype=torch.float64, requires_grad=True)
+        rope = torch.randn(N - npt, 2 * Dh, dtype=torch.float64)  # [sin | cos], as RotaryEmbeddingCat gives
+        got, want = masked(x, rope=rope), plain(x, rope=rope)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        gx, = torch.autograd.grad(got.square().sum(), x)
+        wx, = torch.autograd.grad(want.square().sum(), x)
+        torch.testing.assert_close(gx, wx, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(masked(x), plain(x), atol=1e-12, rtol=1e-12)  # no rope
+        from dermfast.models.attention import RaggedLayout
+        with pytest.raises(ValueError, match="ragged"):
+            masked(x, attn_mask=RaggedLayout(lengths=torch.tensor([9, 3])))
+
+
+def test_rope_dropout_falls_back_to_timm_and_report_says_so():
+    from timm.layers import AttentionRope
+    plain = AttentionRope(32, num_heads=2, attn_drop=0.5).train()
+    model = torch.nn.Sequential(copy.deepcopy(plain))
+    dermfast.patch_timm(model)
+    assert "attention dropout p=0.5" in str(dermfast.patch_report(model))
+    x, rope = torch.randn(2, 5, 32), torch.randn(4, 32)
+    torch.manual_seed(3)
+    a = model[0](x, rope=rope)
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, plain(x, rope=rope))
+
+
+def test_patch_report_lines_and_beit_left():
+    from timm.models.beit import Beit
+    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2,
+                use_rel_pos_bias=True)
+    with pytest.raises(ValueError, match="relative position bias not supported yet"):
+        dermfast.patch_timm(beit)  # nothing to swap: today's clear error, with the reason
+    with pytest.raises(ValueError, match="was not patched"):
+        dermfast.patch_report(beit)
+    vit = tiny_vit(embed_dim=32, heads=2, depth=2, global_pool="map")  # attn_pool: AttentionPoolLatent, left
+    dermfast.patch_timm(vit)
+    text = str(dermfast.patch_report(vit))
+    assert "swapped  blocks.0.attn  Attention -> MaskedAttention" in text
+    assert "swapped  blocks.1.attn  Attention -> MaskedAttention" in text
+    assert "left     attn_pool  AttentionPoolLatent" in text
+    assert text.splitlines()[0] == "dermfast.patch_timm: 2 swapped, 1 left"
+
+
+def test_cli_prints_report_for_named_models(capsys):
+    from dermfast.patch import main
+    assert main(["eva02_tiny_patch14_224"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == ["eva02_tiny_patch14_224 (timm, Eva)", "dermfast.patch_timm: 12 swapped, 0 left",
+                       "swapped  blocks.0.attn  EvaAttention -> MaskedEvaAttention"]
+    assert main(["vit_small_patch16_rope_224", "--library", "timm"]) == 0
+    assert "swapped  blocks.11.attn  AttentionRope -> MaskedAttentionRope" in capsys.readouterr().out
+    assert main(["beit_base_patch16_224"]) == 1  # nothing to swap: the clear error, with the reason
+    err = capsys.readouterr().err
+    assert err.startswith("error: patch_timm: Beit holds no timm.layers.Attention")
+    assert "left blocks.0.attn: relative position bias not supported yet" in err
+    assert main(["no_such_model_xyz"]) == 1
+    assert "timm has no model 'no_such_model_xyz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["vit_base_patch16_224", "--libary", "timm"])
+    assert e.value.code == 2 and "did you mean --library?" in capsys.readouterr().err
+
+
+def test_compiled_patched_eva_matches_original():
+    torch.manual_seed(0)
+    model = randomize_(timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=3, embed_dim=48,
+                                         num_heads=2, depth=2, img_size=28, patch_size=7).double()).eval()
+    original = copy.deepcopy(model)
+    dermfast.patch_timm(model)
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    want = original(x)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), original.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(ROPE_FAMILIES))
+def test_gpu_patched_rope_vit_bf16(name):
+    kw = ROPE_FAMILIES[name]
+    model = timm.create_model(name, pretrained=False, num_classes=3, embed_dim=256, num_heads=4, depth=2,
+                              **kw).cuda().eval()  # head dim 64
+    original = copy.deepcopy(model)
+    dermfast.patch_timm(model, backend="triton")
+    x = torch.randn(4, 3, kw["img_size"], kw["img_size"], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = model(x), original(x)
+    ref = copy.deepcopy(original).double()(x.double())
+    err, base = (got.double() - ref).abs().max(), (want.double() - ref).abs().max()
+    assert err <= 2 * base + 1e-3

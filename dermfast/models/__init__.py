@@ -1,7 +1,8 @@
 """Models: the MAE ViT (dermfast.models.mae), the timm drop-in attention (dermfast.models.attention) and the
 classifiers of fine-tuning / evaluation / export (dermfast.models.classifier).
 
-`MaskedAttention`, `patch_timm` and the classifier helpers are resolved lazily: importing dermfast.models does not import timm.
+`MaskedAttention`, `patch_timm`, `patch_transformers`, `patch_report` and the classifier helpers are resolved lazily:
+importing dermfast.models imports neither timm nor transformers.
 """
 
 
@@ -13,7 +14,13 @@ def __getattr__(name: str):
     if name in _CLASSIFIER:
         from dermfast.models import classifier
         return getattr(classifier, name)
-    if name in ("MaskedAttention", "patch_timm"):
+    if name in ("MaskedAttention", "MaskedEvaAttention", "MaskedAttentionRope", "patch_timm"):
         from dermfast.models import attention
         return getattr(attention, name)
+    if name in ("PatchReport", "patch_report"):
+        from dermfast.models import patch
+        return getattr(patch, name)
+    if name == "patch_transformers":
+        from dermfast.models.patch_transformers import patch_transformers
+        return patch_transformers
     raise AttributeError(f"module 'dermfast.models' has no attribute {name!r}")

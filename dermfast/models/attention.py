@@ -1,4 +1,5 @@
-"""MaskedAttention: timm's `Attention` with dermfast's masked-patch attention as its core, and `patch_timm`.
+"""MaskedAttention: timm's `Attention` with dermfast's masked-patch attention as its core, its rotary siblings
+(MaskedEvaAttention, MaskedAttentionRope: timm's EvaAttention / AttentionRope, dense tokens only), and `patch_timm`.
 
 Why a subclass: same parameters, buffers and state_dict keys as `timm.layers.Attention` (qkv, q_norm, k_norm,
 norm, proj, ...), so pretrained timm checkpoints load unchanged and `patch_timm(model)` can swap the class of
@@ -33,9 +34,13 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from timm.layers import Attention
+import torch.nn.functional as F
+from timm.layers import Attention, AttentionRope
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.models.eva import EvaAttention
 from torch import nn
 
+from dermfast.models.patch import PatchReport, attention_like, qualname, set_report
 from dermfast.ops.masked_attention_op import masked_attention
 
 
@@ -148,23 +153,126 @@ class MaskedAttention(Attention):
         return self.proj_drop(self.proj(o))
 
 
-def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Swap every `timm.layers.Attention` in `model` for `MaskedAttention`, in place; returns `model`.
+class _RopeMasked:
+    """The forward shared by MaskedEvaAttention and MaskedAttentionRope: timm's own projection, q / k norm and
+    rotary embedding (timm's `apply_rot_embed_cat`, on the tokens after the `num_prefix_tokens` prefix, cast back
+    with `.type_as(v)` exactly as timm's forward does), grouped k / v heads expanded by `repeat_interleave` as
+    timm does, then `masked_attention` (dense) instead of SDPA. attn_mask, is_causal and attention dropout while
+    training go to timm's forward unchanged. Ragged (packed / padded) tokens are refused: with rope each token
+    needs its own position, which a RaggedLayout does not carry yet."""
 
-    Only modules whose class is exactly timm's `Attention` are swapped (subclasses with their own forward are
+    backend: Optional[str] = None
+
+    def _project(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if isinstance(attn_mask, RaggedLayout):
+            raise ValueError(f"{type(self).__name__}: ragged (packed / padded) tokens are not supported with "
+                             f"rotary attention yet")
+        if attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0):
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = self._project(x)  # [B, H (kv heads for k, v), N, Dh]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        q, k, v = _autocast(x, q, k, v)
+        o = masked_attention(q, k, v, scale=self.scale, backend=self.backend)
+        o = self.norm(o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+        if gate is not None:
+            o = o * gate
+        return self.proj_drop(self.proj(o))
+
+
+class MaskedEvaAttention(_RopeMasked, EvaAttention):
+    """timm `EvaAttention` (eva02_*, vit_*_rope_* with attn_type 'eva') computed by `masked_attention`."""
+
+    def _project(self, x):
+        B, N, _ = x.shape
+        if self.qkv is not None:  # timm/models/eva.py EvaAttention.forward, transcribed
+            if self.q_bias is None:
+                qkv = self.qkv(x)
+            else:
+                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                if self.qkv_bias_separate:
+                    qkv = self.qkv(x)
+                    qkv += qkv_bias
+                else:
+                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+            return qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return tuple(p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+                     for p in (self.q_proj, self.k_proj, self.v_proj))
+
+
+class MaskedAttentionRope(_RopeMasked, AttentionRope):
+    """timm `AttentionRope` (vit_*_rope_* with attn_type 'rope', dinov3, deepseek_vit) computed by
+    `masked_attention`; grouped-query k / v heads are expanded as timm does."""
+
+    def _project(self, x):
+        B, N, _ = x.shape
+        if self.qkv is not None:  # timm/layers/attention.py AttentionRope.forward, transcribed
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
+        q = self.q_proj(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+
+# timm class -> its dermfast swap (exact class match: a subclass may have its own forward)
+SWAPS = {Attention: MaskedAttention, EvaAttention: MaskedEvaAttention, AttentionRope: MaskedAttentionRope}
+
+
+def _why_left(module: nn.Module) -> str:
+    if getattr(module, "relative_position_bias_table", None) is not None or "beit" in type(module).__module__:
+        return "relative position bias not supported yet"
+    for base in SWAPS:
+        if isinstance(module, base):
+            return f"subclass of timm {base.__name__} with its own forward (only the exact class is swapped)"
+    return "not a timm Attention / EvaAttention / AttentionRope"
+
+
+def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Swap every timm `Attention`, `EvaAttention` and `AttentionRope` in `model` for its dermfast subclass
+    (`MaskedAttention`, `MaskedEvaAttention`, `MaskedAttentionRope`), in place; returns `model`.
+
+    Only modules whose class is exactly one of those three are swapped (subclasses with their own forward are
     left alone; modules already swapped are kept). Weights, state_dict keys, hooks and parameter identity are
-    unchanged. `backend` is stored on each module (None = automatic). Raises ValueError if the model holds no timm Attention.
+    unchanged. `backend` is stored on each module (None = automatic). Leaves a report on the model
+    (`dermfast.patch_report(model)`): each module swapped, and each attention-like module left with the reason
+    (relative position bias, BEiT, is not supported yet). Raises ValueError if the model holds nothing to swap.
     """
-    found = 0
-    for module in model.modules():
-        if type(module) is Attention:
-            module.__class__ = MaskedAttention
-        if type(module) is MaskedAttention:
+    report = PatchReport("timm")
+    swapped_classes = tuple(SWAPS.values())
+    for name, module in model.named_modules():
+        old = type(module)
+        if old in SWAPS:
+            module.__class__ = SWAPS[old]
+        if type(module) in swapped_classes:
+            note = "already swapped" if old is type(module) else ""
             if backend is not None:
                 module.backend = backend
-            found += 1
-    if found == 0:
-        raise ValueError(f"patch_timm: {type(model).__name__} holds no timm.layers.Attention module to swap")
+            drop = module.attn_drop.p
+            if drop > 0:
+                why = f"attention dropout p={drop:g}: timm's own forward while training"
+                note = f"{note}, {why}" if note else why
+            report.swapped.append((name, old.__name__, type(module).__name__, note))
+        elif attention_like(module):
+            report.left.append((name, qualname(module), _why_left(module)))
+    if not report.swapped:
+        raise ValueError(f"patch_timm: {type(model).__name__} holds no timm.layers.Attention, EvaAttention or "
+                         f"AttentionRope module to swap" + "".join(f"; left {n or '<model>'}: {why}"
+                                                               for n, _, why in report.left[:3]))
+    set_report(model, report)
     return model
 
 
