@@ -29,9 +29,8 @@ class UsageError(ValueError):
     """Bad input: printed as one line, exit code 2."""
 
 
-def parse_args(argv):
-    p = OneLineParser(prog="python -m dermfast.synthesize", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m dermfast.synthesize", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a finished --stage synth run (or its diffusers/ bundle)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--per-class", type=int, help="images per class")
@@ -51,7 +50,11 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the images --out holds (needed when they were made with other settings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return _parser().parse_args(argv)
 
 
 def safe_name(s: str) -> str:

@@ -192,8 +192,12 @@ TRITON_MIN_CAPABILITY = (7, 5)
 TRITON_BF16_MIN_CAPABILITY = (8, 0)
 
 
-def device_capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) compute capability of a CUDA device (tests monkeypatch this to fake a GPU)."""
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device (tests monkeypatch this to fake a GPU); None when this
+    process has no usable CUDA: a question about a hypothetical GPU (`info` on a CPU machine) cannot check the
+    architecture, and the other checks still answer."""
+    if not torch.cuda.is_available():
+        return None
     return tuple(torch.cuda.get_device_capability(device))
 
 
@@ -208,8 +212,8 @@ def needs_triton_device(q: Query) -> str | None:
         return None
     if q.device.type != "cuda":
         return f"needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got a {q.device.type} tensor"
-    if torch.version.hip is None:
-        cap = device_capability(q.device)
+    cap = device_capability(q.device) if torch.version.hip is None else None
+    if cap is not None:
         if cap < TRITON_MIN_CAPABILITY:
             return f"Triton needs compute capability >= 7.5, this GPU is sm_{cap[0]}{cap[1]}"
         if q.dtype == torch.bfloat16 and cap < TRITON_BF16_MIN_CAPABILITY:
@@ -275,7 +279,8 @@ def needs_cuda_ext(q: Query) -> str | None:
         return (f"the driver supports CUDA {_version_str(driver)} but dermfast._C links the CUDA "
                 f"{_version_str(runtime)} runtime (update the driver)" if driver else
                 "no CUDA driver was found by dermfast._C")
-    return arch_reason(device_capability(q.device), ext.compiled_cuda_archs(), ptx_jit=driver >= runtime)
+    cap = device_capability(q.device)
+    return None if cap is None else arch_reason(cap, ext.compiled_cuda_archs(), ptx_jit=driver >= runtime)
 
 
 def dtype_in(*dtypes: torch.dtype) -> Supports:

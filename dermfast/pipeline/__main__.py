@@ -1,0 +1,5 @@
+import sys
+
+from dermfast.pipeline import main
+
+sys.exit(main())
