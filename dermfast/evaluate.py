@@ -268,18 +268,7 @@ def evaluate_probe(args, device) -> dict:
     y_train = train.labels
     if len(np.unique(y_train)) < 2:
         raise EvalError(f"--probe needs two classes in the training split ({train_desc})")
-    records, data_desc = data_records(args.data) if args.data is not None else own_split(ckpt, args.split)
-    if len(records) == 0:
-        raise EvalError(f"the evaluation set is empty ({data_desc})")
-    y = match_classes(records, classes)
-    present = np.unique(y)
-    if len(present) < 2:
-        raise EvalError(f"the evaluation set holds a single class ({classes[present[0]]!r}, {len(y)} images): "
-                        "balanced accuracy and AUROC are undefined; evaluate on data with at least two classes")
-    positive = args.positive
-    if positive is not None and positive not in classes:
-        raise EvalError(f"--positive {positive!r} is not a class of the run's data; accepted: {', '.join(classes)}")
-    positive = positive or M.default_positive(classes)
+    records, data_desc, y, present, positive = _evaluation_set(args, ckpt, classes, "a class of the run's data")
     aug = Augment(size=int(meta["preset"]["img_size"]))  # evaluation preprocessing, ImageNet mean / std
     feats = []
     for recs in (train, records):
@@ -308,6 +297,24 @@ def evaluate_probe(args, device) -> dict:
     return metrics
 
 
+def _evaluation_set(args, ckpt: Path, classes: list[str], whose: str):
+    """(records, description, labels, present class ids, positive class) of --data, else of the run's own split;
+    refuses an empty or single-class set and a --positive outside `classes`."""
+    from dermfast.eval import metrics as M
+    records, data_desc = data_records(args.data) if args.data is not None else own_split(ckpt, args.split)
+    if len(records) == 0:
+        raise EvalError(f"the evaluation set is empty ({data_desc})")
+    y = match_classes(records, classes)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise EvalError(f"the evaluation set holds a single class ({classes[present[0]]!r}, {len(y)} images): "
+                        "balanced accuracy and AUROC are undefined; evaluate on data with at least two classes")
+    positive = args.positive
+    if positive is not None and positive not in classes:
+        raise EvalError(f"--positive {positive!r} is not {whose}; accepted: {', '.join(classes)}")
+    return records, data_desc, y, present, positive or M.default_positive(classes)
+
+
 def evaluate(args) -> dict:
     from dermfast.data.loader import build_loader
     from dermfast.device import resolve_device
@@ -320,21 +327,7 @@ def evaluate(args) -> dict:
         return evaluate_probe(args, device)
     members, classes = _load_members(args.checkpoint, device)
     first = Path(members[0][1]["checkpoint_path"])
-    if args.data is not None:
-        records, data_desc = data_records(args.data)
-    else:
-        records, data_desc = own_split(first, args.split)
-    if len(records) == 0:
-        raise EvalError(f"the evaluation set is empty ({data_desc})")
-    y = match_classes(records, classes)
-    present = np.unique(y)
-    if len(present) < 2:
-        raise EvalError(f"the evaluation set holds a single class ({classes[present[0]]!r}, {len(y)} images): "
-                        "balanced accuracy and AUROC are undefined; evaluate on data with at least two classes")
-    positive = args.positive
-    if positive is not None and positive not in classes:
-        raise EvalError(f"--positive {positive!r} is not a model class; accepted: {', '.join(classes)}")
-    positive = positive or M.default_positive(classes)
+    records, data_desc, y, present, positive = _evaluation_set(args, first, classes, "a model class")
 
     member_probs = []
     for model, meta in members:
