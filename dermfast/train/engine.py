@@ -37,7 +37,7 @@ from dermfast.train.config import ConfigError, config_dict, save_config
 from dermfast.train.context import Run
 from dermfast.train.distributed import World, resolve_device, world_from_env
 from dermfast.train.logs import CSVLog, TensorBoard, fmt
-from dermfast.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
+from dermfast.train.optim import build_optimizer, clip_grads_, param_groups, set_lr, warmup_cosine
 from dermfast.train.preflight import (NothingToDo, Signals, check_out, check_out_path, resume_command, resume_point,
                                       resume_threads, thread_budget)
 from dermfast.train.runlock import RunLock, RunLocked
@@ -634,21 +634,6 @@ class _Trainer:
         print(f"{self.stage.name}: done in {time.perf_counter() - self.t0:.0f} s; wrote {d}/"
               "{" + ", ".join(names) + "}")
         return d
-
-
-def clip_grads_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale the gradients of `params` in place by min(1, max_norm / (total_norm + 1e-6)), as
-    torch.nn.utils.clip_grad_norm_ does, with the global norm already computed (under FSDP2, over all shards).
-    Works on each DTensor's local shard (the coefficient is the same on every rank); no host sync."""
-    if not params:
-        return
-    coef = torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, dtype), grads in groups.items():
-        torch._foreach_mul_(grads, coef.to(device=device, dtype=dtype))
 
 
 def _gather(obj) -> list:

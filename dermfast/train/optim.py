@@ -47,3 +47,18 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
 def set_lr(optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def clip_grads_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients of `params` in place by min(1, max_norm / (total_norm + 1e-6)), as
+    torch.nn.utils.clip_grad_norm_ does, with the global norm already computed (under FSDP2, over all shards).
+    Works on each DTensor's local shard (the coefficient is the same on every rank); no host sync."""
+    if not params:
+        return
+    coef = torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), grads in groups.items():
+        torch._foreach_mul_(grads, coef.to(device=device, dtype=dtype))
