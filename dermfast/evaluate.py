@@ -285,6 +285,13 @@ def evaluate_probe(args, device) -> dict:
                    n_train=int(len(y_train)), train=train_desc, classes=classes,
                    present_classes=[classes[k] for k in present], tta=False)
     out = Path(args.out) if args.out else (_run_dir_of(ckpt) or ckpt.parent) / f"probe-{args.probe}"
+    _write_results(out, metrics, records, y, probs, classes)
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _write_results(out: Path, metrics: dict, records, y, probs, classes: list[str]) -> None:
+    """OUT/metrics.json and OUT/predictions.csv (image, label, predicted, p_<class>...)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out / "predictions.csv", "w", newline="") as f:
@@ -293,8 +300,6 @@ def evaluate_probe(args, device) -> dict:
         for i in range(len(y)):
             w.writerow([records.paths[i], classes[y[i]], classes[int(probs[i].argmax())],
                         *[f"{v:.6f}" for v in probs[i]]])
-    metrics["out"] = str(out)
-    return metrics
 
 
 def _evaluation_set(args, ckpt: Path, classes: list[str], whose: str):
@@ -354,14 +359,7 @@ def evaluate(args) -> dict:
     metrics["baseline"], metrics["baseline_verdict"] = _baseline(first, records, y, classes, positive, n_boot,
                                                                  metrics, len(members), notes)
     out = Path(args.out) if args.out else (_run_dir_of(first) or first.parent) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label", "predicted", *[f"p_{c}" for c in classes]])
-        for i in range(len(y)):
-            w.writerow([records.paths[i], classes[y[i]], classes[int(probs[i].argmax())],
-                        *[f"{v:.6f}" for v in probs[i]]])
+    _write_results(out, metrics, records, y, probs, classes)
     notes.insert(0, f"{len(y)} images; classes present: {', '.join(metrics['present_classes'])}")
     if "ci" in metrics:
         notes.append(f"[low, high]: {metrics['ci']['level']:.0%} interval, {metrics['ci']['method']}")

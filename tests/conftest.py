@@ -34,3 +34,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh DERMFAST_CACHE for the test module (embedded dataset, validation verdicts, self-test verdicts)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("DERMFAST_CACHE", str(path))
+        yield path

@@ -17,14 +17,6 @@ STUDENT = ["--student", "test_vit", "--img-size", "32"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("DERMFAST_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def teacher_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "teacher"
     assert train_main(["--stage", "finetune", "--model", "test_vit", "--img-size", "32", "--max-steps", "2",

@@ -50,14 +50,6 @@ def tiny_sd(root):
     return sd
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("DERMFAST_CACHE", str(path))
-        yield path
-
-
 def test_lora_steps_save_load_sample(cache, tmp_path):
     sd = tiny_sd(tmp_path)
     out = tmp_path / "db"

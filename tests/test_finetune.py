@@ -14,14 +14,6 @@ SMALL = ["--toy-images", "192", "--toy-image-size", "64", "--batch-size", "32", 
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("DERMFAST_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def mae_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "mae"
     assert train_main(["--stage", "mae", "--max-steps", "2", "--out", str(out), *SMALL]) == 0

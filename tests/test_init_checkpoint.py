@@ -70,14 +70,6 @@ def shapes_only(shape):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("DERMFAST_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def vit_b16(tmp_path_factory):
     path = tmp_path_factory.mktemp("official") / "mae_pretrain_vit_base.pth"
     torch.save({"model": official_mae_state_dict(16, 768, 12, 224, make=shapes_only)}, path)

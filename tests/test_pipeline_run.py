@@ -31,14 +31,6 @@ def sets(items):
     return [a for s in items for a in ("--set", s)]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("DERMFAST_CACHE", str(path))
-        yield path
-
-
 def read_json(path):
     try:
         return json.loads(path.read_text())

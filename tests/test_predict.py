@@ -18,14 +18,6 @@ TRAIN = ["--stage", "finetune", "--preset", "demo", "--img-size", "32", "--max-s
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("DERMFAST_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def run(cache, tmp_path_factory):
     """A real finetune run folder (config.yaml, splits.csv, best.safetensors) from one step on the embedded data.
     One step leaves the probabilities within ~1e-3 of uniform, which would hide a preprocessing difference, so the

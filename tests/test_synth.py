@@ -20,14 +20,6 @@ CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("DERMFAST_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def mae_ckpt(tmp_path_factory):
     """A randomly initialised dermfast MAE checkpoint (the file layout an MAE run writes)."""
     from safetensors.torch import save_file
