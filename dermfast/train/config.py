@@ -98,6 +98,7 @@ class DataConfig(TrainConfig):
     synth_ratio: float | None = None  # synthetic images per real image, per class (1, 3, 15; inf = synthetic only)
     toy_images: int = 1200           # size of the embedded dataset when --data is not given
     toy_image_size: int = 128        # image side of the embedded dataset
+    folds: int = 0                   # K >= 2: stratified, grouped K-fold cross-validation (one run folder per fold); 0 = off
 
     def validate(self) -> None:
         super().validate()
@@ -107,6 +108,8 @@ class DataConfig(TrainConfig):
             raise ConfigError(f"--synth-ratio must be >= 0, got {self.synth_ratio}")
         if self.synth_ratio is not None and self.synthetic is None:
             raise ConfigError("--synth-ratio needs --synthetic DIR (the synthesis output to mix in)")
+        if self.folds < 0 or self.folds == 1:
+            raise ConfigError(f"--folds must be 0 (off) or >= 2, got {self.folds}")
         if self.toy_images < 8 or self.toy_image_size < 16:
             raise ConfigError("--toy-images must be >= 8 and --toy-image-size >= 16")
         if self.data is not None:
@@ -275,9 +278,18 @@ def build_config(cls: type, file_values: dict[str, Any], cli_values: dict[str, A
     values = {**file_values, **{k: v for k, v in cli_values.items() if k in types}}
     values = {k: coerce(k, v, types[k]) for k, v in values.items()}
     cfg = cls(**values)
+    object.__setattr__(cfg, "_explicit", frozenset(values))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def explicit_fields(cfg) -> frozenset:
+    """The option names the user set (YAML file or command line) for `cfg` as built by `build_config`; the
+    defaults a stage may fill in (e.g. the small-data recipe) are the fields NOT in this set. A config built
+    another way (tests, `dataclasses.replace`) reports every field as explicit, so nothing is overridden."""
+    got = getattr(cfg, "_explicit", None)
+    return got if got is not None else frozenset(f.name for f in dataclasses.fields(cfg))
 
 
 def config_dict(cfg) -> dict[str, Any]:
@@ -290,4 +302,4 @@ def save_config(cfg, path: Path) -> None:
 
 
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "field", "dataclass", "build_config", "load_yaml",
-           "save_config", "config_dict", "field_docs", "field_types", "coerce", "flag"]
+           "save_config", "config_dict", "explicit_fields", "field_docs", "field_types", "coerce", "flag"]
