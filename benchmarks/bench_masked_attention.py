@@ -152,6 +152,34 @@ def _impls(case: Case, gpu: bool) -> list[tuple[str, str, Callable | str]]:
     return out
 
 
+def _backend_impls(case: Case, gpu: bool) -> list[tuple[str, str, Callable | str, dict]]:
+    """Every registry backend of masked_attention (dermfast's and the peers) run through the op itself,
+    `masked_attention(..., backend=name)`, glue included: what automatic dispatch would run. Their rows carry
+    `op`, `backend` and `dispatch_key` (dtype | pass | shape class), from which `python -m dermfast.bench`
+    writes the dispatch table (dermfast/ops/dispatch_table.py)."""
+    from dermfast.ops.masked_attention_op import masked_attention_fwd_op as op
+    from dermfast.ops.registry import Query
+    out = []
+    cu = None if case.dense else case.cu
+    code = int(cu is not None)  # the op's layout code: 0 dense, 1 packed
+    for name in op.backends():
+        if name not in op.impls or (name == "triton" and not gpu):
+            continue
+        query = Query(case.device, case.dtype, {"D": case.D, "packed": code, "layout": code, "L": case.Lmax}, True)
+        why = op.impls[name].supports(query)
+        if why is not None:
+            out.append((f"backend:{name}", "padded", f"not capable here: {why}", {}))
+            continue
+        if cu is None:
+            fn = (lambda b: lambda q, k, v: masked_attention(q, k, v, backend=b))(name)
+        else:
+            fn = (lambda b: lambda q, k, v: masked_attention(q, k, v, cu_seqlens=case.cu, max_seqlen=case.Lmax,
+                                                             backend=b))(name)
+        out.append((f"backend:{name}", "packed" if cu is not None else "padded", fn,
+                    {"op": "masked_attention", "backend": name, "shape_class": op.shape_class(query)}))
+    return out
+
+
 def _inputs(case: Case, layout: str, grad: bool):
     if layout == "packed":
         src = case.packed
@@ -171,7 +199,8 @@ def _bench_case(workload: str, mode: str, case: Case, gpu: bool) -> list[dict]:
              f"B{case.B} H{case.H} L{min(case.lengths)}..{case.Lmax} (mean {case.T / case.B:.0f}) hd{case.D}")
     wl = f"{workload} {mode}"
     cpu_note = "" if gpu else "CPU: not a performance result; "
-    for name, layout, fn in _impls(case, gpu):
+    impls = [(*i, {}) for i in _impls(case, gpu)] + _backend_impls(case, gpu)
+    for name, layout, fn, extra in impls:
         if isinstance(fn, str):
             rows += [absent(BENCH, wl, shape, case.dtype, name, p, fn) for p in PASSES]
             continue
@@ -200,9 +229,13 @@ def _bench_case(workload: str, mode: str, case: Case, gpu: bool) -> list[dict]:
 
         for p, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both)):
             t = time_fn(f, warmup=5 if gpu else 2, rep=30 if gpu else 5)
+            ex = {}
+            if extra and p != "bwd":
+                ex = {"op": extra["op"], "backend": extra["backend"],
+                      "dispatch_key": f"{str(case.dtype).removeprefix('torch.')}|{p}|{extra['shape_class']}"}
             rows.append(row(BENCH, wl, shape, case.dtype, name, p, t, flops=case.flops * FLOP_FACTOR[p],
                             peak=peak_mib(f) if p == "fwd+bwd" else None,
-                            note=f"{cpu_note}max|err| vs fp32 ref {err:.2e}"))
+                            note=f"{cpu_note}max|err| vs fp32 ref {err:.2e}", extra=ex))
         del o
     return rows
 

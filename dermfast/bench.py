@@ -25,6 +25,12 @@ row) and the summaries (long lines wrapped, markdown table rows cut; the .md fil
 benchmarks/ folder is found next to the package (a source checkout or an editable install); `--dir` or
 $DERMFAST_BENCH_DIR point elsewhere.
 
+Dispatch table: a full run (not --quick) on a GPU also writes the measured backend order of each op to the
+dispatch table that automatic dispatch reads ($DERMFAST_CACHE/dispatch_table.json, dermfast/ops/dispatch_table.py):
+the rows that name a registry backend (columns op, backend, dispatch_key: the bench ran it through the op with
+`backend=`) are ranked by median time per device, dtype, pass and shape class, with `ratio_to_best_peer`.
+`--no-dispatch-table` leaves the table alone. CPU and --quick rows never become a table.
+
 On a CPU only `--quick` makes sense: tiny shapes that prove the harness works (CI runs it). CPU numbers are
 not performance results, and the output says so.
 """
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help=f"benchmarks folder (default: next to the package, or ${ENV_DIR})")
     p.add_argument("--no-ceilings", action="store_true", help="do not measure the matmul / copy ceilings")
     p.add_argument("--budget-s", type=float, help="start no module after this many seconds (the rest: skipped)")
+    p.add_argument("--no-dispatch-table", action="store_true",
+                   help="do not write the measured backend order (a full GPU run writes it by default)")
     args = p.parse_args(argv)
 
     try:
@@ -246,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def write_dispatch_table(rows: list[dict], device: str, source: str = "", path: Path | None = None) -> Path | None:
+    """Rank the registry-backend rows (op, backend, dispatch_key) into the dispatch table of `device`; None when
+    no row names a backend (nothing measured to dispatch by)."""
+    from dermfast.ops import dispatch_table
+    entries = dispatch_table.entries_from_rows(rows)
+    if not entries:
+        return None
+    return dispatch_table.write_table(entries, device, source=source, path=path)
 
 
 def _main_thread() -> bool:
@@ -315,6 +333,10 @@ def _run_all(args, found: dict[str, Path], names: list[str], common: ModuleType,
     md = out.with_suffix(".md")
     md.write_text(summary_markdown(rows, env, sections, args.quick, common, ceilings), encoding="utf-8")
 
+    if gpu and not args.quick and not args.no_dispatch_table:
+        table = write_dispatch_table(rows, env["device"], source=str(out))
+        if table is not None:
+            print(f"dispatch table for {env['device']} written to {table}")
     # the table first, the short summaries last (a terminal, or a log's tail, shows the end)
     print("\n" + common.format_table(rows))
     for s in sections:

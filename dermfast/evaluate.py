@@ -17,6 +17,11 @@ the set is too small to compare models: < 30 images or < 10 of the positive clas
 run's training split at the end of --stage finetune / distill; `dermfast.eval.baseline`) scored on the same
 images with the same metrics (null for runs without one); `baseline_verdict`: a sentence (also printed, and at
 the top of report.html) when the model does not beat it on balanced accuracy or AUROC, else null.
+A cross-validation folder (`python -m dermfast.train --folds K`, OUT/cv.json): with --data, the fold ensemble
+(mean of the K fold models' probabilities, beside each member; the baseline likewise the mean of the K fold
+baselines) with `threshold` (the decision rule p_positive >= t chosen on the out-of-fold predictions: its
+balanced accuracy, sensitivity and specificity); without --data, its cross-validation results (cv_metrics.json),
+printed. A single run whose checkpoint records a validation threshold gets the same `threshold` block.
 Bad input (a checkpoint of another stage, mismatched classes, an empty or single-class evaluation set) is one
 line on stderr and exit code 2.
 """
@@ -220,12 +225,14 @@ def _report(out: Path, metrics, member_metrics, classes, y, probs, records, memb
 
 
 def _baseline(first: Path, records, y, classes, positive, n_boot: int, metrics: dict, n_members: int,
-              notes: list) -> tuple[dict | None, str | None]:
+              notes: list, fold_runs: list[Path] | None = None) -> tuple[dict | None, str | None]:
     """The run's trivial baseline (RUN/baseline/, `dermfast.eval.baseline`) scored on the same images with the
     same metrics, and the sentence saying the model does not beat it (None when it does). (None, None) when
     the run has no baseline (runs from before it existed): said in notes."""
     from dermfast.eval import baseline as B
     from dermfast.eval import metrics as M
+    if fold_runs is not None:
+        return _cv_baseline(fold_runs, records, y, classes, positive, n_boot, metrics, notes)
     folder = (_run_dir_of(first) or first.parent) / "baseline"
     try:
         base = B.load(folder)
@@ -245,6 +252,35 @@ def _baseline(first: Path, records, y, classes, positive, n_boot: int, metrics: 
     notes.append(f"baseline: {B.NAME} fitted on the run's {base.spec.get('n_train')} training images "
                  f"({folder})" + ("; of the first ensemble member's run" if n_members > 1 else ""))
     return block, B.verdict(metrics, block, "the ensemble" if n_members > 1 else "the model")
+
+
+def _cv_baseline(runs: list[Path], records, y, classes, positive, n_boot: int, metrics: dict,
+                 notes: list) -> tuple[dict | None, str | None]:
+    """The fold baselines of a cross-validation as an ensemble (mean of their probabilities), as the model is."""
+    from dermfast.eval import baseline as B
+    from dermfast.eval import metrics as M
+    bases = []
+    for run in runs:
+        try:
+            base = B.load(run / "baseline")
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        if base is None:
+            notes.append(f"no trivial baseline: {run / 'baseline'} does not exist")
+            return None, None
+        if base.classes != list(classes):
+            raise EvalError(f"{run}/baseline: the baseline's classes {base.classes} are not the model's {classes}")
+        bases.append(base)
+    probs = np.mean([b.predict_records(records) for b in bases], axis=0)
+    block = M.compute_all(y, probs, classes, positive)
+    if n_boot > 0:
+        block["ci"] = M.bootstrap_ci(y, probs, classes, positive, n_boot=n_boot, seed=0)
+    block.update(name=B.NAME, path=[str(r / "baseline") for r in runs],
+                 n_train=[b.spec.get("n_train") for b in bases], _probs=probs,
+                 recipe={k: bases[0].spec.get(k) for k in ("size", "resize", "features", "classifier")})
+    notes.append(f"baseline: {B.NAME}, the mean of the {len(bases)} fold baselines (each fitted on its fold's "
+                 "training images)")
+    return block, B.verdict(metrics, block, "the fold ensemble")
 
 
 def evaluate_probe(args, device) -> dict:
@@ -297,9 +333,9 @@ def _write_results(out: Path, metrics: dict, records, y, probs, classes: list[st
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "predicted", *[f"p_{c}" for c in classes]])
+        names = getattr(records, "origins", None) or records.paths  # the user's path, never a converted copy
         for i in range(len(y)):
-            w.writerow([records.paths[i], classes[y[i]], classes[int(probs[i].argmax())],
-                        *[f"{v:.6f}" for v in probs[i]]])
+            w.writerow([names[i], classes[y[i]], classes[int(probs[i].argmax())], *[f"{v:.6f}" for v in probs[i]]])
 
 
 def _evaluation_set(args, ckpt: Path, classes: list[str], whose: str):
@@ -320,6 +356,35 @@ def _evaluation_set(args, ckpt: Path, classes: list[str], whose: str):
     return records, data_desc, y, present, positive or M.default_positive(classes)
 
 
+def threshold_block(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: dict | None) -> dict | None:
+    """The decision rule p_positive >= t of a binary model (`threshold`: {"value", "source", ...} from a
+    checkpoint's metadata or a cross-validation) scored on y: balanced accuracy, sensitivity, specificity.
+    None without a threshold, for more than two classes, or when a class is missing from y."""
+    if not threshold or threshold.get("value") is None or probs.shape[1] != 2:
+        return None
+    from dermfast.eval import metrics as M
+    pos_name = threshold.get("positive_class") or M.default_positive(classes)
+    pos = classes.index(pos_name) if pos_name in classes else 1
+    t = float(threshold["value"])
+    called = probs[:, pos] >= t
+    if len(np.unique(y)) < 2:
+        return None
+    sens, spec = float(called[y == pos].mean()), float((~called[y != pos]).mean())
+    return {"value": t, "source": threshold.get("source"), "positive_class": classes[pos],
+            "balanced_accuracy": (sens + spec) / 2, "sensitivity": sens, "specificity": spec}
+
+
+def _cv_results(folder: Path) -> dict:
+    """--checkpoint CV_FOLDER without --data: its cv_metrics.json (refused while the folds are unfinished)."""
+    from dermfast.eval.cv_results import METRICS_FILE, read_cv
+    info = read_cv(folder)
+    if info.get("status") != "finished" or not (folder / METRICS_FILE).is_file():
+        raise EvalError(f"{folder}: the {info.get('folds')}-fold cross-validation is not finished; continue it with "
+                        "`python -m dermfast.train ... --folds K --resume auto`, or give --data")
+    out = json.loads((folder / METRICS_FILE).read_text())
+    return {**out, "cv": True, "out": str(folder)}
+
+
 def evaluate(args) -> dict:
     from dermfast.data.loader import build_loader
     from dermfast.device import resolve_device
@@ -330,6 +395,15 @@ def evaluate(args) -> dict:
         raise EvalError(f"bad --device {args.device!r}: {e}") from None
     if getattr(args, "probe", None):
         return evaluate_probe(args, device)
+    cv = None
+    if len(args.checkpoint) == 1:
+        from dermfast.eval.cv_results import fold_dir, is_cv_dir, read_cv
+        if is_cv_dir(args.checkpoint[0]):  # a cross-validation: its results, or its fold ensemble on --data
+            folder = Path(args.checkpoint[0]).expanduser()
+            if args.data is None:
+                return _cv_results(folder)
+            cv = _cv_results(folder)
+            args.checkpoint = [str(fold_dir(folder, k)) for k in range(1, int(read_cv(folder)["folds"]) + 1)]
     members, classes = _load_members(args.checkpoint, device)
     first = Path(members[0][1]["checkpoint_path"])
     records, data_desc, y, present, positive = _evaluation_set(args, first, classes, "a model class")
@@ -356,10 +430,28 @@ def evaluate(args) -> dict:
         metrics["members"] = member_metrics
 
     notes = []
+    threshold = cv["threshold"] if cv is not None else (members[0][1].get("threshold") if len(members) == 1 else None)
+    metrics["threshold"] = threshold_block(y, probs, classes, threshold)
+    runs = [(_run_dir_of(Path(m["checkpoint_path"])) or Path(m["checkpoint_path"]).parent) for _, m in members]
     metrics["baseline"], metrics["baseline_verdict"] = _baseline(first, records, y, classes, positive, n_boot,
-                                                                 metrics, len(members), notes)
-    out = Path(args.out) if args.out else (_run_dir_of(first) or first.parent) / "eval"
+                                                                 metrics, len(members), notes,
+                                                                 runs if cv is not None else None)
+    if cv is not None:
+        metrics["cross_validation"] = {"folder": cv["out"], "folds": cv["folds"], "verdict": cv.get("verdict")}
+        b_thr = (cv.get("baseline") or {}).get("threshold")
+        if metrics["baseline"] is not None:
+            metrics["baseline"]["threshold"] = threshold_block(y, metrics["baseline"].pop("_probs"), classes, b_thr)
+        notes.append(f"the ensemble of the {cv['folds']} fold models of the cross-validation {cv['out']}")
+    if metrics["baseline"] is not None:
+        metrics["baseline"].pop("_probs", None)
+    default_out = Path(cv["out"]) / "eval" if cv is not None else (_run_dir_of(first) or first.parent) / "eval"
+    out = Path(args.out) if args.out else default_out
     _write_results(out, metrics, records, y, probs, classes)
+    if metrics["threshold"] is not None:
+        t = metrics["threshold"]
+        notes.append(f"decision threshold p_{t['positive_class']} >= {t['value']:.4f} ({t['source']}): balanced "
+                     f"accuracy {t['balanced_accuracy']:.4f}, sensitivity {t['sensitivity']:.4f}, specificity "
+                     f"{t['specificity']:.4f} (the table's values are at the arg-max, p >= 0.5)")
     notes.insert(0, f"{len(y)} images; classes present: {', '.join(metrics['present_classes'])}")
     if "ci" in metrics:
         notes.append(f"[low, high]: {metrics['ci']['level']:.0%} interval, {metrics['ci']['method']}")
@@ -409,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e} (pip install 'dermfast[eval]')", file=sys.stderr)
         return 2
+    if m.get("cv"):
+        from dermfast.eval.cv_results import print_summary
+        print_summary(m, Path(m["out"]))
+        return 0
     fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
     ci = m.get("ci") or {}
     iv_of = lambda d, k: (f" [{d['ci'][k][0]:.2f}, {d['ci'][k][1]:.2f}]"  # noqa: E731
@@ -422,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     if m.get("probe"):
         print(f"evaluate: --probe {m['probe']}: {m['probe_method']} on {m['features']}, fitted on "
               f"{m['n_train']} training images ({m['train']})")
+    t = m.get("threshold")
+    if t:
+        print(f"evaluate: at the decision threshold p_{t['positive_class']} >= {t['value']:.4f} ({t['source']}): "
+              f"balanced accuracy {fmt(t['balanced_accuracy'])}, sensitivity {fmt(t['sensitivity'])}, specificity "
+              f"{fmt(t['specificity'])}")
     b = m.get("baseline")
     if b:
         print(f"evaluate: trivial baseline ({b['name']}): balanced accuracy {fmt(b['balanced_accuracy'])}"

@@ -7,6 +7,10 @@ reads. Writes a CSV with one row per image: image, predicted (class name), p_<cl
 classes (and gradcam, the overlay's file, with `--gradcam DIR`, which writes the image beside its Grad-CAM
 heat map for the predicted class; a checkpoint only).
 
+A cross-validation folder (`python -m dermfast.train --folds K`) predicts with its fold ensemble: the mean of the K
+fold models' probabilities; its decision threshold (chosen on the out-of-fold predictions) decides the predicted
+class of a binary task, as a checkpoint's recorded validation threshold does (`Predictions.threshold`).
+
 Preprocessing is evaluate's, by the same code: the data check (`validate_records`: unreadable images skipped and
 reported, odd formats converted), the torch loader's evaluation transform (`eval_augment` of the checkpoint:
 shorter side resized with PIL bicubic, centre crop, normalised) and `dermfast.evaluate.predict` (fp32, `--tta`
@@ -55,14 +59,20 @@ class Predictions:
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     records: ImageRecords | None = field(default=None, repr=False)  # the usable images, for files / folders
+    threshold: tuple[int, float] | None = None  # (positive class index, t): a binary model predicts it iff p >= t
 
     def __len__(self) -> int:
         return len(self.names)
 
     @property
     def index(self) -> np.ndarray:
-        """[N] int64: the predicted class index of each row."""
-        return self.probs.argmax(1) if len(self.probs) else np.zeros(0, dtype=np.int64)
+        """[N] int64: the predicted class index of each row (arg-max, or the threshold rule when set)."""
+        if not len(self.probs):
+            return np.zeros(0, dtype=np.int64)
+        if self.threshold is not None and self.probs.shape[1] == 2:
+            pos, t = self.threshold
+            return np.where(self.probs[:, pos] >= t, pos, 1 - pos).astype(np.int64)
+        return self.probs.argmax(1)
 
     @property
     def predicted(self) -> list[str]:
@@ -99,7 +109,7 @@ class Predictor:
 
     model: the torch classifier (logits) or an `OnnxClassifier`; classes: its class names; aug: the `Augment`
     whose evaluation transform is the preprocessing; source: the checkpoint or export it came from; kind:
-    "checkpoint" or "onnx"; meta: the checkpoint's metadata, or the export's sidecar."""
+    "checkpoint", "cv-ensemble" (a cross-validation's fold models) or "onnx"; meta: the checkpoint's metadata, or the export's sidecar."""
 
     def __init__(self, model: nn.Module, classes: list[str], aug, device: torch.device, source: str, kind: str,
                  meta: dict, tta: bool = False, batch_size: int = 64):
@@ -111,6 +121,16 @@ class Predictor:
     def __repr__(self) -> str:
         return (f"Predictor({self.source!r}, {self.kind}, {len(self.classes)} classes, {self.aug.size} px, "
                 f"device {self.device})")
+
+    @property
+    def threshold(self) -> tuple[int, float] | None:
+        """(positive class index, t) of the decision threshold in meta["threshold"] (binary models), else None."""
+        thr = self.meta.get("threshold") if isinstance(self.meta, dict) else None
+        if not isinstance(thr, dict) or thr.get("value") is None or len(self.classes) != 2:
+            return None
+        from dermfast.eval.metrics import default_positive
+        name = thr.get("positive_class") or self.meta.get("positive") or default_positive(self.classes)
+        return (self.classes.index(name) if name in self.classes else 1), float(thr["value"])
 
     @property
     def size(self) -> int:
@@ -169,7 +189,7 @@ class Predictor:
         names = [original.get(p, p) for p in usable.paths]
         loader = self._loader(usable)
         probs = self._run(loader, self.tta if tta is None else tta, progress, total=len(loader))
-        return Predictions(probs, self.classes, names, skipped, usable)
+        return Predictions(probs, self.classes, names, skipped, usable, self.threshold)
 
     def predict_data(self, path, tta: bool | None = None, progress: bool = False) -> Predictions:
         """The CLI's --data: one image file, a folder of images, or any dataset evaluate reads; corrupt images
@@ -183,7 +203,8 @@ class Predictor:
         tta = self.tta if tta is None else tta
         if isinstance(inputs, torch.Tensor):
             probs = self.predict_tensor(inputs, tta)
-            return Predictions(probs, self.classes, [f"<tensor {i}>" for i in range(len(probs))])
+            return Predictions(probs, self.classes, [f"<tensor {i}>" for i in range(len(probs))],
+                               threshold=self.threshold)
         items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         from PIL import Image
         paths = [i for i, v in enumerate(items) if isinstance(v, (str, Path))]
@@ -206,7 +227,7 @@ class Predictor:
             probs[pils] = self.predict_tensor(x, tta)
             for i in pils:
                 names[i] = f"<PIL image {i}>"
-        return Predictions(probs, self.classes, names)
+        return Predictions(probs, self.classes, names, threshold=self.threshold)
 
     # -- explanations --------------------------------------------------------------------------------------------
     def gradcam(self, x: torch.Tensor, target: torch.Tensor | None = None) -> np.ndarray:
@@ -289,13 +310,50 @@ def load_predictor(path, device: str | torch.device = "auto", tta: bool = False,
         return _load_onnx(p, tta, batch_size)
     from dermfast.evaluate import eval_augment
     from dermfast.models.classifier import load_classifier
+    from dermfast.eval.cv_results import is_cv_dir
     try:
         dev = resolve_device(device)
     except (ValueError, RuntimeError) as e:
         raise PredictError(f"bad device {device!r}: {e}") from None
+    if is_cv_dir(p):
+        return _load_cv(p, dev, tta, batch_size)
     model, meta = load_classifier(p, dev)
     return Predictor(model, meta["classes"], eval_augment(meta), dev, str(meta["checkpoint_path"]), "checkpoint",
                      meta, tta, batch_size)
+
+
+class EnsembleClassifier(nn.Module):
+    """Members' mean probability, returned as its log: `dermfast.evaluate.predict` applies softmax to what a
+    model returns (and averages its TTA flips), and softmax(log p) = p."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([m(image).float().softmax(-1) for m in self.members]).mean(0)
+        return p.clamp_min(1e-30).log()
+
+
+def _load_cv(folder: Path, device: torch.device, tta: bool, batch_size: int) -> Predictor:
+    """A finished cross-validation folder: its K fold models as one ensemble, with its out-of-fold threshold."""
+    from dermfast.evaluate import eval_augment
+    from dermfast.models.classifier import load_classifier
+    from dermfast.eval.cv_results import METRICS_FILE, fold_dir, read_cv
+    info = read_cv(folder)
+    if info.get("status") != "finished" or not (folder / METRICS_FILE).is_file():
+        raise PredictError(f"{folder}: the cross-validation is not finished; continue it with --resume auto")
+    loaded = [load_classifier(fold_dir(folder, k), device) for k in range(1, int(info["folds"]) + 1)]
+    meta0 = loaded[0][1]
+    for _, meta in loaded[1:]:
+        for key in ("classes", "img_size", "mean", "std"):
+            if meta.get(key) != meta0.get(key):
+                raise PredictError(f"{folder}: fold models disagree on {key} ({meta0.get(key)} vs {meta.get(key)})")
+    cv = json.loads((folder / METRICS_FILE).read_text())
+    meta = {**meta0, "threshold": cv.get("threshold"), "cross_validation": str(folder),
+            "members": [m["checkpoint_path"] for _, m in loaded]}
+    return Predictor(EnsembleClassifier([m for m, _ in loaded]), meta0["classes"], eval_augment(meta0), device,
+                     str(folder), "cv-ensemble", meta, tta, batch_size)
 
 
 def _load_onnx(path: Path, tta: bool, batch_size: int) -> Predictor:
@@ -382,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{_names(out.skipped, 5)}", file=sys.stderr)
     counts = np.bincount(out.index, minlength=len(out.classes))
     print(f"predict: {len(out)} images, {r['predictor'].kind} {r['predictor'].source}"
-          f"{', tta over 4 flips' if r['predictor'].tta else ''}; classes {', '.join(out.classes)}; predicted "
+          f"{', tta over 4 flips' if r['predictor'].tta else ''}"
+          + (f", threshold p_{out.classes[out.threshold[0]]} >= {out.threshold[1]:.4f}" if out.threshold else "")
+          + f"; classes {', '.join(out.classes)}; predicted "
           + ", ".join(f"{c} {n}" for c, n in zip(out.classes, counts) if n) + f" -> {r['out']}"
           + (f"; Grad-CAM overlays in {args.gradcam}" if r["gradcam"] else ""))
     return 0

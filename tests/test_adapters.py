@@ -319,7 +319,7 @@ def test_labels_csv_and_folder(tmp_path):
 
 
 def test_open_any_errors(tmp_path):
-    with pytest.raises(DatasetError, match="accepted: auto, folder, csv, ham10000, isic2019, isic2024, ph2"):
+    with pytest.raises(DatasetError, match="accepted: auto, folder, csv, ham10000, isic2019, isic2024, ph2, dermamnist, pairs"):
         open_any(tmp_path, format="imagenet")
     with pytest.raises(DatasetError, match="does not exist"):
         open_any(tmp_path / "nope")

@@ -228,7 +228,8 @@ def test_errors_are_clear(records, monkeypatch):
         _cpu(records, EVAL_AUG, 4, train=False)
 
 
-@pytest.mark.parametrize("train, aug", [(True, TRAIN_AUG), (True, Augment(size=SIZE, flip=0.0)), (False, EVAL_AUG)])
+@pytest.mark.parametrize("train, aug", [(True, TRAIN_AUG), (True, Augment(size=SIZE, flip=0.0)), (False, EVAL_AUG),
+                                        (True, Augment(size=SIZE, vflip=0.5, rot90=True, brightness=0.2))])
 def test_gpu_graph_passes_dalis_definition_checks_without_a_gpu(records, monkeypatch, train, aug):
     # DALI checks operator and argument names and CPU/GPU placement when the graph is defined, before any
     # CUDA work: so the mixed decoder's options and the GPU jitter (arithmetic on GPU nodes) are checked here.

@@ -80,3 +80,37 @@ def test_gpu_inductor_bf16_autocast_matches_eager():
             assert torch.equal(cmask, mask)
             torch.testing.assert_close(closs.float(), loss.float(), atol=2e-2, rtol=2e-2)
             closs.backward()
+
+
+def test_tedmae_compiles_fullgraph_and_follows_the_ema_teacher():
+    """--method tedmae under compile: student + teacher + EC in one graph (fullgraph: no break), `step` symbolic
+    (one frame), and the EMA update made between calls (outside the graph) is seen by the next compiled call."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from dermfast.models.exterior_conversion import ec_params
+    from dermfast.models.tedmae import TEDMAEOptions, tedmae_from_preset
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = tedmae_from_preset("demo", TEDMAEOptions(df_layers=2), img_size=16, patch_size=4, embed_dim=32, depth=2,
+                               num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    imgs = torch.randn(2, 3, 16, 16)
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.compiler.config.patch(dynamic_sources="L['step']"):
+        cmodel = torch.compile(model, backend=counter, fullgraph=True)
+        for step in range(3):
+            s, t = ec_params(2, 3, (1, 3), 5, step), ec_params(2, 3, (1, 3), 5, step, branch=1)
+            kw = dict(seed=5, step=step, student_ec=(s.weight, s.alpha), teacher_ec=(t.weight, t.alpha),
+                      return_parts=True)
+            loss, _, mask, parts = model(imgs, **kw)
+            closs, _, cmask, cparts = cmodel(imgs, **kw)
+            assert torch.equal(cmask, mask)
+            torch.testing.assert_close(cparts["distill_loss"], parts["distill_loss"], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(closs, loss, atol=1e-6, rtol=1e-6)
+            closs.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            model.ema_update_(0.5)  # what the stage's after_step does
+    assert counter.frame_count == 1, counter.frame_count

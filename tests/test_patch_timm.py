@@ -267,14 +267,14 @@ def test_rope_dropout_falls_back_to_timm_and_report_says_so():
     torch.testing.assert_close(a, plain(x, rope=rope))
 
 
-def test_patch_report_lines_and_beit_left():
-    from timm.models.beit import Beit
-    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2,
-                use_rel_pos_bias=True)
-    with pytest.raises(ValueError, match="relative position bias not supported yet"):
-        dermfast.patch_timm(beit)  # nothing to swap: today's clear error, with the reason
+def test_patch_report_lines_and_swin_left():
+    from timm.models.swin_transformer import SwinTransformer
+    swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1,), num_heads=(2,),
+                           num_classes=2)  # WindowAttention: relative position bias, not a class dermfast swaps
+    with pytest.raises(ValueError, match="relative position bias in a class dermfast does not swap"):
+        dermfast.patch_timm(swin)  # nothing to swap: the clear error, with the reason
     with pytest.raises(ValueError, match="was not patched"):
-        dermfast.patch_report(beit)
+        dermfast.patch_report(swin)
     vit = tiny_vit(embed_dim=32, heads=2, depth=2, global_pool="map")  # attn_pool: AttentionPoolLatent, left
     dermfast.patch_timm(vit)
     text = str(dermfast.patch_report(vit))
@@ -292,10 +292,15 @@ def test_cli_prints_report_for_named_models(capsys):
                        "swapped  blocks.0.attn  EvaAttention -> MaskedEvaAttention"]
     assert main(["vit_small_patch16_rope_224", "--library", "timm"]) == 0
     assert "swapped  blocks.11.attn  AttentionRope -> MaskedAttentionRope" in capsys.readouterr().out
-    assert main(["beit_base_patch16_224"]) == 1  # nothing to swap: the clear error, with the reason
+    assert main(["beit_base_patch16_224"]) == 0  # relative position bias: attention_bias
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == ["dermfast.patch_timm: 12 swapped, 0 left", "swapped  blocks.0.attn  Attention -> "
+                        "MaskedBeitAttention (relative position bias: attention_bias)"]
+    assert main(["swin_tiny_patch4_window7_224"]) == 1  # nothing to swap: the clear error, with the reason
     err = capsys.readouterr().err
-    assert err.startswith("error: patch_timm: Beit holds no timm.layers.Attention")
-    assert "left blocks.0.attn: relative position bias not supported yet" in err
+    assert err.startswith("error: patch_timm: SwinTransformer holds no timm.layers.Attention")
+    assert ("left layers.0.blocks.0.attn: relative position bias in a class dermfast does not swap "
+            "(only timm.models.beit.Attention)") in err
     assert main(["no_such_model_xyz"]) == 1
     assert "timm has no model 'no_such_model_xyz'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

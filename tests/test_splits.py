@@ -186,3 +186,88 @@ def test_a_class_too_small_for_every_side_is_named(capsys):
     rec_big = _records(n=500)
     split_records(rec_big, seed=0)  # every class on every side: nothing to say
     assert "split:" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ k-fold (--folds)
+from dermfast.data.splits import VAL_FRACTION, assign_folds, fold_splits  # noqa: E402
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_folds_partition_stratified_grouped_and_are_sklearns(grouped):
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    rec = _records(n=600, grouped=grouped)
+    fold = assign_folds(rec, 5, seed=7)
+    assert fold.shape == (600,) and set(np.unique(fold)) == {1, 2, 3, 4, 5}  # every image in exactly one fold
+    # the library itself, called as the docstring says: fold f + 1 is sklearn's f-th test set
+    if grouped:
+        _, unit = np.unique(rec.groups.astype(str), return_inverse=True)
+        ref = StratifiedGroupKFold(5, shuffle=True, random_state=7).split(np.zeros((600, 1)), rec.labels, unit)
+    else:
+        ref = StratifiedKFold(5, shuffle=True, random_state=7).split(np.zeros((600, 1)), rec.labels)
+    for f, (_, test) in enumerate(ref):
+        np.testing.assert_array_equal(np.flatnonzero(fold == f + 1), np.sort(test))
+    for c in np.unique(rec.labels):  # stratified: each class spread over the folds within a lesion or so
+        per_fold = np.bincount(fold[rec.labels == c], minlength=6)[1:]
+        assert per_fold.max() - per_fold.min() <= (8 if grouped else 1), (c, per_fold)
+    if grouped:
+        for g in np.unique(rec.groups):
+            assert len(np.unique(fold[rec.groups == g])) == 1  # a lesion never spans two folds
+
+
+def test_folds_deterministic_and_seeded():
+    rec = _records(n=300, grouped=True)
+    a, b, c = assign_folds(rec, 4, seed=1), assign_folds(rec, 4, seed=1), assign_folds(rec, 4, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_fold_splits_test_is_the_fold_and_val_comes_from_the_other_folds():
+    rec = _records(n=400, grouped=True)
+    fold = assign_folds(rec, 5, seed=3)
+    tests = []
+    for k in range(1, 6):
+        s = fold_splits(rec, 5, k, seed=3)
+        check_splits(s, rec)  # disjoint, no group on two sides
+        np.testing.assert_array_equal(s["test"], np.flatnonzero(fold == k))
+        assert not (fold[np.concatenate([s["train"], s["val"]])] == k).any()
+        assert len(s["train"]) + len(s["val"]) + len(s["test"]) == 400
+        assert abs(len(s["val"]) / (400 - len(s["test"])) - VAL_FRACTION) < 0.05
+        tests.append(s["test"])
+    np.testing.assert_array_equal(np.sort(np.concatenate(tests)), np.arange(400))  # test folds partition the data
+
+
+def test_folds_bad_input_and_small_class(capsys):
+    rec = _records(n=6)
+    with pytest.raises(ValueError, match="need at least 10 images"):
+        assign_folds(rec, 10)
+    with pytest.raises(ValueError, match="k >= 2"):
+        assign_folds(rec, 1)
+    with pytest.raises(ValueError, match="fold must be in 1..3"):
+        fold_splits(_records(n=60), 3, 4)
+    small = ImageRecords([f"/d/{i}.jpg" for i in range(12)], np.array([0] * 10 + [1] * 2), ["nv", "mel"])
+    assign_folds(small, 3)
+    assert "class 'mel' has 2 images in 2 unit(s): 1 of the 3 test folds hold none of it" in capsys.readouterr().out
+
+
+def test_splits_csv_names_converted_images_by_the_users_path(tmp_path):
+    """Issue 19: a BMP converted into the cache is named in splits.csv by the file the user gave, never by
+    `<cache>/converted/<sha1>.png`; reading the file back finds the same images (and old files naming cache
+    copies still load)."""
+    root = tmp_path / "data"
+    cache = tmp_path / "cache" / "converted"
+    n = 12
+    user = [str(root / ("mel" if i % 2 else "nev") / f"IMD{i:03d}.bmp") for i in range(n)]
+    conv = [str(cache / f"{i:040x}.png") for i in range(n)]
+    rec = ImageRecords(conv, np.arange(n) % 2, ["nev", "mel"], root=str(root), origins=user)
+    splits = split_records(rec, seed=0)
+    path = save_splits(splits, rec, tmp_path / "splits.csv")
+    rows = path.read_text().splitlines()[1:]
+    named = sorted(r.split(",")[0] for r in rows)
+    assert named == sorted(f"{'mel' if i % 2 else 'nev'}/IMD{i:03d}.bmp" for i in range(n))
+    assert not any("converted" in r for r in rows)
+    back = load_splits(path, rec)
+    for s in SPLITS:
+        assert sorted(back[s].tolist()) == sorted(np.asarray(splits.get(s, [])).tolist())
+    old = tmp_path / "old_splits.csv"  # written before this change: cache paths
+    old.write_text("image,label,split\n" + "".join(f"{conv[i]},{'mel' if i % 2 else 'nev'},train\n" for i in range(n)))
+    assert sorted(load_splits(old, rec)["train"].tolist()) == list(range(n))

@@ -51,11 +51,11 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatc
 
     real, calls = toy.render_lesion, []
 
-    def dies_midway(rng, label, size):
+    def dies_midway(rng, label, size, **kw):
         calls.append(label)
         if len(calls) == 8:
             raise KeyboardInterrupt
-        return real(rng, label, size)
+        return real(rng, label, size, **kw)
 
     monkeypatch.setattr(toy, "render_lesion", dies_midway)
     with pytest.raises(KeyboardInterrupt):

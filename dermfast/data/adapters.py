@@ -15,15 +15,16 @@ Formats (one reader each; `open_any(path)` detects which from what lies at `path
   isic2024    SLICE-3D: train-image.hdf5 (key isic_id -> scalar JPEG bytes) + train-metadata.csv (isic_id, target
               0/1, patient_id, ...); paths are isic_ids read through `HDF5Store`; classes benign / malignant;
               groups = patient_id. Metadata without target (test set) gives labels -1.
-  ph2         PH2_dataset.txt, a '||' table (|| Name || Histological Diagnosis || Clinical Diagnosis || Asymmetry
-              | Pigment Network | ... || Colors ||; clinical diagnosis 0 common nevus, 1 atypical nevus,
-              2 melanoma; legend lines below), or a csv (image_name + clinical diagnosis as 0/1/2 or a name, or
-              X-marked Common Nevus / Atypical Nevus / Melanoma columns). Images:
-              PH2 Dataset images/IMD###/IMD###_Dermoscopic_Image/IMD###.bmp.
+  ph2         PH2_dataset.txt ('||', tab- or comma-separated) or a PH2 csv + PH2 Dataset images/IMD###/...,
+              with the lesion masks IMD###_lesion/IMD###_lesion.bmp: dermfast.data.ph2.
   dermamnist  dermamnist.npz (train|val|test _images uint8 [N,H,W(,3)], _labels [N,1]; MedMNIST label order =
               HAM_CLASSES), written once as PNG files into a cache directory keyed by the npz content hash
               (temporary directory + rename: idempotent, safe to race). `records.splits` holds the official
               split as indices into the returned records.
+  pairs       images + lesion masks, unlabelled: images/ + masks/ with equal stems, x.jpg + x_mask.png, or ISIC
+              2017 / 2018 task 1 (<stem>_segmentation.png in a ground-truth folder): dermfast.data.masks.
+  Masks also come with: the folder reader (ISIC task 1 <stem>_segmentation.png in a GroundTruth / masks folder
+  beside a flat image folder), ph2 (IMD###_lesion.bmp), csv (a mask column; the toy dataset).
 
 Bad input never crashes a reader and is never dropped silently: a row whose image is missing, whose label is
 unknown, empty or malformed, or that repeats an image is skipped and listed in `records.missing` as (name,
@@ -35,7 +36,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from collections import Counter
@@ -43,13 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dermfast.data.masks import find_masks, looks_like_pairs, read_pairs
+from dermfast.data.ph2 import PH2_CLASSES, read_ph2
 from dermfast.data.records import IMAGE_EXTENSIONS, DatasetError, ImageRecords
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DERMAMNIST_CLASSES = HAM_CLASSES  # MedMNIST DermaMNIST labels 0..6 follow the same (alphabetical) order
 ISIC2024_CLASSES = ("benign", "malignant")
-PH2_CLASSES = ("common_nevus", "atypical_nevus", "melanoma")
-FORMATS = ("folder", "csv", "ham10000", "isic2019", "isic2024", "ph2", "dermamnist")
+FORMATS = ("folder", "csv", "ham10000", "isic2019", "isic2024", "ph2", "dermamnist", "pairs")
 _ALIASES = {"imagefolder": "folder", "labelscsv": "csv", "toy": "csv", "ham": "ham10000", "isic2018": "isic2019",
             "slice3d": "isic2024"}
 _NON_CLASS_COLUMNS = {"score_weight", "validation_weight"}
@@ -63,13 +64,20 @@ class _Collector:
         self.classes, self.what = list(classes), what
         self.index = {c: i for i, c in enumerate(self.classes)}
         self.paths, self.labels, self.groups, self.missing, self.seen = [], [], [], [], set()
+        self.masks = None  # a list (one mask path or "" per kept image) once a reader calls with_masks()
+
+    def with_masks(self) -> "_Collector":
+        self.masks = []
+        return self
 
     def skip(self, name, reason: str) -> bool:
         self.missing.append((str(name), reason))
         return False
 
-    def add(self, name: str, path, label, group=None, line=None, not_found="image file not found") -> bool:
-        """label: a class name, a class index, or -1 (unlabelled). Returns whether the image was kept."""
+    def add(self, name: str, path, label, group=None, line=None, not_found="image file not found",
+            mask="") -> bool:
+        """label: a class name, a class index, or -1 (unlabelled); mask: its file, "" for none (readers that
+        call `with_masks`). Returns whether the image was kept."""
         reason = ("empty image name" if not name else "duplicate row" if name in self.seen else
                   "empty label" if label == "" else
                   f"unknown label {label!r}" if isinstance(label, str) and label not in self.index else
@@ -81,13 +89,16 @@ class _Collector:
         self.paths.append(str(path))
         self.labels.append(int(label))
         self.groups.append(group or name)  # no group -> the image is its own group
+        if self.masks is not None:
+            self.masks.append(str(mask or ""))
         return True
 
     def records(self, root, grouped: bool = False, store=None) -> ImageRecords:
         if not self.paths:
             raise DatasetError(f"{self.what}: no usable images ({missing_summary(self.missing)})")
         rec = ImageRecords(self.paths, np.array(self.labels, dtype=np.int64), self.classes, root=str(root),
-                           groups=np.array(self.groups, dtype=object) if grouped else None, store=store)
+                           groups=np.array(self.groups, dtype=object) if grouped else None, store=store,
+                           masks=self.masks)
         rec.missing = self.missing  # type: ignore[attr-defined]
         return rec
 
@@ -207,18 +218,29 @@ def read_folder(root) -> ImageRecords:
 
 def read_csv(root, csv_name: str = "labels.csv", classes=None) -> ImageRecords:
     """root/labels.csv (columns image and label | diagnosis | dx) with images in root/images/ or root.
-    `classes` fixes the class list (and order); other labels are then skipped as unknown."""
+    `classes` fixes the class list (and order); other labels are then skipped as unknown.
+    An optional column mask (or mask_path, segmentation) names each image's lesion mask file, relative to the
+    csv's folder or absolute; empty = no mask; a named file that does not exist skips the row (reported)."""
     root = Path(root)
     path = root if root.is_file() else root / csv_name
     header, rows = _table(path)
     c = _need(path, header, image=("image",), label=("label", "diagnosis", "dx"))
+    mask_col = _col(header, "mask", "mask_path", "segmentation")
     rows = list(rows)
     classes = list(classes) if classes is not None else sorted({r[c["label"]] for _, r in rows if r[c["label"]]})
     images = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
     out = _Collector(classes, str(path))
+    if mask_col is not None:
+        out.with_masks()
     for line, r in rows:
         name = r[c["image"]]
-        out.add(name, _find_image(images, name) if name else None, r[c["label"]], line=line)
+        mask = r[mask_col] if mask_col is not None else ""
+        if mask:
+            mask = path.parent / mask
+            if not mask.is_file():
+                out.skip(name or f"<line {line}>", f"mask file not found ({mask})")
+                continue
+        out.add(name, _find_image(images, name) if name else None, r[c["label"]], line=line, mask=mask)
     return out.records(path.parent)
 
 
@@ -362,71 +384,6 @@ def read_isic2024(path, metadata=None) -> ImageRecords:
     return out.records(path.parent, grouped=patient is not None, store=store)
 
 
-def _ph2_label(row: dict):
-    """(class index, None) or (None, reason) from a PH2 row with lower-cased column names."""
-    value = next((row[k] for k in ("clinical diagnosis", "clinical_diagnosis", "diagnosis", "label") if row.get(k)),
-                 None)
-    if value is not None:
-        v = value.strip().lower().replace("_", " ")
-        if v in ("0", "1", "2"):
-            return int(v), None
-        names = [c.replace("_", " ") for c in PH2_CLASSES]
-        return (names.index(v), None) if v in names else (None, f"unknown clinical diagnosis {value!r}")
-    marks = [i for i, c in enumerate(PH2_CLASSES)
-             if row.get(c.replace("_", " "), "").strip().lower() in ("x", "1", "yes", "true")]
-    if len(marks) == 1:
-        return marks[0], None
-    return None, "no clinical diagnosis" if not marks else "several diagnoses marked"
-
-
-def _ph2_rows(table: Path):
-    """(name, {lower-case column: value}) rows of PH2_dataset.txt or a PH2 csv."""
-    if table.suffix.lower() == ".txt":
-        cols = ["", "name", "histological diagnosis", "clinical diagnosis"]  # the real layout, if no header
-        for line in table.read_text(encoding="utf-8", errors="replace").splitlines():
-            if "||" not in line:
-                continue  # blank, legend and note lines
-            cells = [c.strip() for c in line.split("||")]
-            low = ["name" if c.lower() in ("name", "image name", "image_name") else c.lower() for c in cells]
-            if "name" in low and any("diagnosis" in c for c in low):
-                cols = low  # the header row
-                continue
-            row = dict(zip(cols, cells))
-            if re.fullmatch(r"IMD\d+", row.get("name", ""), re.IGNORECASE):
-                yield row["name"], row
-            elif re.search(r"IMD\d+", line, re.IGNORECASE):  # a case row whose cells are shifted or torn
-                yield re.search(r"IMD\d+", line, re.IGNORECASE).group(0), None
-        return
-    header, rows = _table(table)
-    name_col = _need(table, header, name=("image_name", "image name", "name", "image", "image_id"))["name"]
-    for line, r in rows:
-        yield r[name_col] or f"<line {line}>", {k.lower(): v for k, v in r.items()}
-
-
-def read_ph2(root, table=None) -> ImageRecords:
-    """PH2: PH2_dataset.txt ('||' table) or a PH2 csv + PH2 Dataset images/IMD###/IMD###_Dermoscopic_Image/."""
-    root = Path(root)
-    if root.is_file():
-        table, root = table or root, root.parent
-    table = Path(table) if table else _first(root, "PH2_dataset.txt", "PH2*.txt", "PH2*.csv", "ph2*.csv")
-    if table is None:
-        raise DatasetError(f"{root}: no PH2_dataset.txt (or PH2 csv) found")
-    dirs = [root / "PH2 Dataset images", root / "PH2_Dataset_images", root / "images", root]
-    out = _Collector(PH2_CLASSES, str(table))
-    for name, row in _ph2_rows(table):
-        if row is None:
-            out.skip(name, "malformed row")
-            continue
-        label, reason = _ph2_label(row)
-        if label is None:
-            out.skip(name, reason)
-            continue
-        path = next((p for d in dirs for p in (_find_image(d / name / f"{name}_Dermoscopic_Image", name),
-                                                _find_image(d / name, name), _find_image(d, name)) if p), None)
-        out.add(name, path, label)
-    return out.records(root)
-
-
 def _cache_root() -> Path:
     try:
         from dermfast.data.toy import default_cache_dir
@@ -513,7 +470,7 @@ def read_dermamnist(path, split: str = "all", cache_dir=None) -> ImageRecords:
 
 # ----------------------------------------------------------------------------------------------- dispatch
 _READERS = {"folder": read_folder, "csv": read_csv, "ham10000": read_ham10000, "isic2019": read_isic2019,
-            "isic2024": read_isic2024, "ph2": read_ph2, "dermamnist": read_dermamnist}
+            "isic2024": read_isic2024, "ph2": read_ph2, "dermamnist": read_dermamnist, "pairs": read_pairs}
 
 
 def detect_format(path) -> str:
@@ -533,8 +490,10 @@ def detect_format(path) -> str:
     has = lambda pred: any(pred(n) for n in names)  # noqa: E731
     for fmt, hit in (("ham10000", has(lambda n: n.startswith("ham10000_metadata"))),
                      ("isic2019", has(lambda n: "groundtruth" in n and n.endswith(".csv"))),
-                     ("ph2", "ph2_dataset.txt" in names or "ph2 dataset images" in names),
+                     ("ph2", "ph2_dataset.txt" in names or "ph2 dataset images" in names
+                      or "ph2_dataset_images" in names),
                      ("csv", "labels.csv" in names),
+                     ("pairs", looks_like_pairs(p)),
                      ("isic2024", has(lambda n: n.endswith((".hdf5", ".h5")))
                       and has(lambda n: "metadata" in n and n.endswith(".csv"))),
                      ("dermamnist", has(lambda n: n.endswith(".npz")) and not any(e.is_dir() for e in p.iterdir()))):

@@ -1,11 +1,16 @@
 """Augmentation settings shared by every loader backend (DALI and torch implement the same recipe).
 
 Train: random resized crop (area `scale`, aspect `ratio`) to `size`, horizontal flip with probability `flip`,
-colour jitter (brightness, contrast, saturation as +- fractions, hue as +- fraction of a turn; 0 = off),
+vertical flip with probability `vflip`, a random multiple of 90 degrees when `rot90` (after the crop, on the square
+S x S output, so a non-square window never changes shape), colour jitter (brightness, contrast, saturation as +- fractions, hue as +- fraction of a turn; 0 = off),
 normalise with mean / std (0..1 pixel units). Eval: resize the shorter side to size / crop_fraction, centre crop
 `size`, normalise; no randomness, every image exactly once, in order.
 
-The random parameters of a training sample (crop window, flip, jitter factors) are drawn on the host by
+Geometry order (every backend, image and mask alike): crop + resize, horizontal flip, vertical flip, then
+``rot90`` counter-clockwise quarter turns (``numpy.rot90(a, k)`` on the [H, W] axes). Colour jitter is per pixel (the
+contrast mean is over the whole image), so it commutes with all of them and never touches a mask.
+
+The random parameters of a training sample (crop window, flips, quarter turns, jitter factors) are drawn on the host by
 `sample_train_params`, a pure function of (seed, rank, epoch, position in the epoch) through a counter-based hash,
 and only applied by the loaders: DALI receives them through ``fn.external_source`` as per-sample tensor
 arguments, the torch loader applies them with torchvision's functional ops. So a resumed run, a fresh run with
@@ -27,6 +32,8 @@ class Augment:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
+    vflip: float = 0.0     # vertical flip probability
+    rot90: bool = False    # a uniform random multiple of 90 degrees (0, 90, 180, 270), counter-clockwise
     brightness: float = 0.0
     contrast: float = 0.0
     saturation: float = 0.0
@@ -63,6 +70,9 @@ _ATTEMPTS = 10              # torchvision RandomResizedCrop.get_params tries 10 
 _D_FLIP = _ATTEMPTS * _DRAWS_PER_ATTEMPT
 _D_BRIGHT, _D_CONTRAST, _D_SAT, _D_HUE = _D_FLIP + 1, _D_FLIP + 2, _D_FLIP + 3, _D_FLIP + 4
 _DRAWS = _D_HUE + 1
+# Added later, after the others (a column's value depends on its number only, so the older draws are unchanged).
+_D_VFLIP, _D_ROT90 = _DRAWS, _DRAWS + 1
+_DRAWS_GEOMETRY = _D_ROT90 + 1
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -99,10 +109,11 @@ def sample_train_params(aug: Augment, seed: int, rank: int, epoch: int, position
     log-uniform aspect w/h in ``aug.ratio``, 10 attempts then the centre crop with the ratio clamped),
     ``flip`` (int32 0/1, 1 with probability ``aug.flip``), ``brightness``, ``contrast``, ``saturation``
     (float32 factors, 1 = unchanged, uniform in [max(0, 1-x), 1+x]) and ``hue`` (float32, a fraction of a
-    turn, uniform in [-aug.hue, aug.hue]). Widths/heights are the stored image's (EXIF orientation ignored,
+    turn, uniform in [-aug.hue, aug.hue]), ``vflip`` (int32 0/1, 1 with probability ``aug.vflip``) and ``rot90``
+    (int32 in 0..3, counter-clockwise quarter turns, uniform when ``aug.rot90``, else 0). Widths/heights are the stored image's (EXIF orientation ignored,
     as PIL's ``Image.open`` and the DALI loader with ``adjust_orientation=False`` see it).
     """
-    u = sample_uniforms(seed, rank, epoch, positions)
+    u = sample_uniforms(seed, rank, epoch, positions, draws=_DRAWS_GEOMETRY)
     W = np.asarray(width, dtype=np.float64).reshape(-1, 1)
     H = np.asarray(height, dtype=np.float64).reshape(-1, 1)
     n = u.shape[0]
@@ -140,7 +151,39 @@ def sample_train_params(aug: Augment, seed: int, rank: int, epoch: int, position
         "brightness": factor(aug.brightness, _D_BRIGHT), "contrast": factor(aug.contrast, _D_CONTRAST),
         "saturation": factor(aug.saturation, _D_SAT),
         "hue": (_uniform(u[:, _D_HUE], -aug.hue, aug.hue) if aug.hue else np.zeros(n)).astype(np.float32),
+        "vflip": (u[:, _D_VFLIP] < aug.vflip).astype(np.int32),
+        "rot90": (np.floor(u[:, _D_ROT90] * 4) if aug.rot90 else np.zeros(n)).astype(np.int32),
     }
+
+
+# (hflip, vflip, rot90 k) -> the same map as (transpose, hflip, vflip): first transpose the [H, W] axes (or not),
+# then flip. The dihedral group of the square has 8 elements, and every one is "transpose or not, then flips";
+# a backend without a per-sample rotation (DALI: ``fn.select`` between the image and ``fn.transpose`` of it,
+# then ``fn.flip``) applies this form. Row index: hflip * 8 + vflip * 4 + k. Derivation: rot90 = vflip after
+# transpose, rot180 = hflip and vflip, rot270 = hflip after transpose; a flip before a transpose swaps axes.
+# tests/test_augment_geometry.py checks all 16 rows against numpy's fliplr / flipud / rot90.
+def _dihedral_table() -> np.ndarray:
+    rows = []
+    for h in (0, 1):
+        for v in (0, 1):
+            for k in range(4):
+                t, fh, fv = 0, h, v           # as "transpose t, then flips (fh, fv)"
+                for _ in range(k):            # one more quarter turn: rot90 . flips(fh, fv) . T^t
+                    # rot90 = V . T; T . flips(a, b) = flips(b, a) . T; T . T = identity
+                    t, fh, fv = 1 - t, fv, fh
+                    fv = 1 - fv
+                rows.append((t, fh, fv))
+    return np.asarray(rows, np.int32)
+
+
+DIHEDRAL = _dihedral_table()
+
+
+def as_transpose_flips(hflip, vflip, rot90) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample (transpose, hflip, vflip), int32 [n] each, equal to hflip, then vflip, then rot90 quarter turns."""
+    row = np.asarray(hflip, np.int64) * 8 + np.asarray(vflip, np.int64) * 4 + np.asarray(rot90, np.int64)
+    t = DIHEDRAL[row]
+    return tuple(t[..., j].copy() for j in range(3))  # contiguous: DALI takes no strided inputs
 
 
 _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))

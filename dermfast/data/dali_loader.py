@@ -81,6 +81,7 @@ Design
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import tempfile
@@ -91,7 +92,7 @@ import numpy as np
 import torch
 
 from dermfast._optional import DALI_REASON, HAS_DALI
-from dermfast.data.augment import Augment, image_size, sample_train_params
+from dermfast.data.augment import Augment, as_transpose_flips, image_size, sample_train_params
 from dermfast.data.loader_base import EpochPlan, cores_per_rank
 from dermfast.data.records import ImageRecords
 
@@ -233,20 +234,50 @@ class _BatchSource:
         data = [rec.read_bytes(int(i)) for i in idx]
         where = np.stack([np.full(len(positions), epoch), positions], 1).astype(np.int64)
         out = [[np.frombuffer(d, dtype=np.uint8) for d in data], rec.labels[idx], rec.source[idx], where]
-        if self.train:
+        sizes = None
+        if self.train or rec.has_masks:
             sizes = np.array([_size_of(d, rec.paths[i]) for d, i in zip(data, idx)], np.int64).reshape(-1, 2)
+        if rec.has_masks:  # encoded mask, or an all-zero PNG of the image's size where the image has none
+            masks = [rec.read_mask_bytes(int(i)) for i in idx]
+            out += [[np.frombuffer(m if m is not None else _blank_png(int(w), int(h)), dtype=np.uint8)
+                     for m, (w, h) in zip(masks, sizes)],
+                    np.array([m is not None for m in masks], np.uint8)]
+        if self.train:
             p = sample_train_params(self.aug, self.seed, self.rank, epoch, positions, sizes[:, 0], sizes[:, 1])
             p["hue"] = p["hue"] * np.float32(360.0)  # turns -> degrees, fn.hsv's unit
+            if _orients(self.aug):
+                p["o_t"], p["o_h"], p["o_v"] = as_transpose_flips(p["flip"], p["vflip"], p["rot90"])
             out += [np.stack([p["x"], p["y"]], 1), np.stack([p["w"], p["h"]], 1)]
             out += [p[name] for name in _used_params(self.aug)]
         return out
 
 
+def _orients(aug: Augment) -> bool:
+    """Vertical flips or quarter turns: the graph applies (transpose, hflip, vflip) instead of a mirror alone."""
+    return aug.vflip > 0 or bool(aug.rot90)
+
+
 def _used_params(aug: Augment) -> list[str]:
     """The per-sample parameters the training graph consumes besides the window (no unused source outputs)."""
-    used = [("flip", aug.flip > 0), ("brightness", aug.brightness), ("contrast", aug.contrast),
-            ("saturation", aug.saturation), ("hue", aug.hue)]
+    orient = _orients(aug)
+    used = [("flip", aug.flip > 0 and not orient), ("o_t", orient), ("o_h", orient), ("o_v", orient),
+            ("brightness", aug.brightness), ("contrast", aug.contrast), ("saturation", aug.saturation),
+            ("hue", aug.hue)]
     return [name for name, on in used if on]
+
+
+_INT_PARAMS = frozenset(("flip", "o_t", "o_h", "o_v"))
+
+
+@functools.lru_cache(maxsize=64)
+def _blank_png(width: int, height: int) -> bytes:
+    """An all-zero 8-bit grey PNG: the mask of an image that has none (the batch still needs one)."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 0).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _size_of(data: bytes, path: str) -> tuple[int, int]:
@@ -403,38 +434,80 @@ class DaliLoader:
                              py_start_method=self.py_start_method, **dynamic)
         with pipe:
             extra = {"parallel": True, "prefetch_queue_depth": self.prefetch} if self.parallel else {}
+            masks = self.records.has_masks
             dtypes, ndims = [types.UINT8, types.INT64, types.UINT8, types.INT64], [1, 0, 0, 1]
+            if masks:
+                dtypes, ndims = dtypes + [types.UINT8, types.UINT8], ndims + [1, 0]
             used = _used_params(aug) if self.train else []
             if self.train:
-                dtypes += [types.INT32, types.INT32] + [types.INT32 if u == "flip" else types.FLOAT for u in used]
+                dtypes += [types.INT32, types.INT32] + [types.INT32 if u in _INT_PARAMS else types.FLOAT
+                                                        for u in used]
                 ndims += [1, 1] + [0] * len(used)
-            outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
-                                      dtype=dtypes, ndim=ndims, **extra)
+            outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
+                                           dtype=dtypes, ndim=ndims, **extra))
             encoded, label, src, where = outs[:4]
+            mask_enc, has_mask = outs[4:6] if masks else (None, None)
+            rest = outs[6:] if masks else outs[4:]
             decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB, "adjust_orientation": False,
                        **self._decoder_kwargs()}
+            # Masks: decoded on the CPU (small grey PNGs), nearest neighbour, moved to the GPU once at S x S.
+            mask_decoder = {"device": "cpu", "output_type": types.GRAY, "adjust_orientation": False}
+            nearest = {"interp_type": types.INTERP_NN, "antialias": False}
+            mask = None
             if self.train:
-                anchor, shape = outs[4:6]
-                p = dict(zip(used, outs[6:]))
+                anchor, shape = rest[:2]
+                p = dict(zip(used, rest[2:]))
                 img = fn.decoders.image_slice(encoded, anchor, shape, **decoder)
                 img = fn.resize(img, size=[s, s], interp_type=interp, antialias=True)
                 img = self._jitter(img, fn, types, gpu, p)
-                mirror, crop = p.get("flip", 0), {}
+                if masks:
+                    mask = fn.decoders.image_slice(mask_enc, anchor, shape, **mask_decoder)
+                    mask = fn.resize(mask, size=[s, s], **nearest)
+                    mask = mask.gpu() if gpu else mask
+                if _orients(aug):
+                    img, mask = (None if x is None else self._orient(x, fn, types, gpu, p) for x in (img, mask))
+                    mirror = 0
+                else:
+                    mirror = p.get("flip", 0)
+                    if mask is not None and "flip" in p:
+                        mask = fn.flip(mask, horizontal=mirror, vertical=0)
+                crop = {}
             else:
                 img = fn.decoders.image(encoded, **decoder)
                 img = fn.resize(img, resize_shorter=round(s / aug.crop_fraction), interp_type=interp,
                                 antialias=True)
                 mirror, crop = 0, {"crop": [s, s], "crop_pos_x": 0.5, "crop_pos_y": 0.5}
+                if masks:
+                    mask = fn.decoders.image(mask_enc, **mask_decoder)
+                    mask = fn.resize(mask, resize_shorter=round(s / aug.crop_fraction), **nearest)
+                    mask = fn.crop(mask, **crop)
+                    mask = mask.gpu() if gpu else mask
             image = fn.crop_mirror_normalize(img, mirror=mirror, mean=[255.0 * m for m in aug.mean],
                                              std=[255.0 * v for v in aug.std],
                                              dtype=getattr(types, _DTYPES[self.output_dtype]),
                                              output_layout="CHW", **crop)
             if gpu:
                 label, src = label.gpu(), src.gpu()
-            pipe.set_outputs(image, label, src, where)  # `where` stays on the CPU: the loader checks it
+            extra_out = []
+            if masks:  # HWC uint8 0 / 255 -> CHW float32 0 / 1
+                mask = fn.cast(fn.transpose(mask, perm=[2, 0, 1]) > 127, dtype=types.FLOAT)
+                extra_out = [mask, has_mask.gpu() if gpu else has_mask]
+            pipe.set_outputs(image, label, src, where, *extra_out)  # `where` stays on the CPU: the loader checks it
         self._pipe, self._j, self._taken, self._next = pipe, 0, 0, None
         self.builds += 1
         return pipe
+
+    @staticmethod
+    def _orient(x, fn, types, gpu: bool, p: dict):
+        """hflip, vflip and quarter turns as `augment.as_transpose_flips` writes them: per sample, the S x S image
+        or its transpose, then flips. DALI 2.4 has no per-sample transpose switch (``perm`` is one value for the
+        batch), so the choice is arithmetic, ``(1 - t) * x + t * x^T`` with t in {0, 1} (int32: uint8 x int32
+        promotes to int32, no wrap-around as in a uint8 ``x^T - x``), cast back to uint8; a permutation of pixels,
+        for image and mask alike."""
+        t = p["o_t"].gpu() if gpu else p["o_t"]
+        xt = fn.transpose(x, perm=[1, 0, 2], transpose_layout=False)
+        x = fn.cast((1 - t) * x + t * xt, dtype=types.UINT8)
+        return fn.flip(x, horizontal=p["o_h"], vertical=p["o_v"])
 
     def _jitter(self, img, fn, types, gpu: bool, p: dict):
         """Colour jitter with the per-sample factors `p` (source outputs, CPU): see the module doc."""
@@ -536,7 +609,7 @@ class DaliLoader:
                     raise RuntimeError(f"DaliLoader: DALI delivered (epoch, position) {got} x {len(outs[3])} where "
                                        f"({epoch}, {lo}) x {hi - lo} was due: a plan mismatch (a bug)")
                 self._advance()
-                batch = self._to_torch(pipe, outs[:3])
+                batch = self._to_torch(pipe, outs[:3] + outs[4:])
                 self.plan.advance(hi - lo)
                 yield batch
             # Done. The pipeline already decodes the next epoch's first batches (the stream goes on), which is
@@ -554,10 +627,13 @@ class DaliLoader:
                     self._table.end_early(self._j, self._taken)  # drained by the next iteration
 
     def _to_torch(self, pipe, outs) -> dict:
-        image, label, src = (self._tensor(pipe, o) for o in outs)
+        image, label, src, *mask = (self._tensor(pipe, o) for o in outs)
         if self.output_dtype is torch.bfloat16:
             image = image.to(torch.bfloat16)
-        return {"image": image, "label": label, "source": src}
+        out = {"image": image, "label": label, "source": src}
+        if mask:
+            out["mask"], out["has_mask"] = mask
+        return out
 
     def _tensor(self, pipe, tl) -> torch.Tensor:
         t = tl.as_tensor()  # the batch as one dense tensor (uniform sample shapes)

@@ -52,9 +52,13 @@ def concat(real: ImageRecords, synth: ImageRecords) -> ImageRecords:
     if real.groups is not None or synth.groups is not None:
         g_real = real.groups if real.groups is not None else np.array(real.paths, dtype=object)
         groups = np.concatenate([g_real, np.array(synth.paths, dtype=object)])
+    masks = None  # synthetic images have no lesion mask ("")
+    if real.masks is not None or synth.masks is not None:
+        blank = lambda r: r.masks if r.masks is not None else np.full(len(r), "", dtype=object)  # noqa: E731
+        masks = np.concatenate([blank(real), blank(synth)])
     return ImageRecords(real.paths + synth.paths, np.concatenate([real.labels, synth.labels]), list(real.classes),
                         np.concatenate([real.source, synth.source]), real.root, groups, store,
-                        list(real.missing) + list(synth.missing))
+                        list(real.missing) + list(synth.missing), masks, real.origins + synth.origins)
 
 
 def open_records(data: str | None, *, toy_images: int = 1200, toy_image_size: int = 128,

@@ -16,6 +16,13 @@ indices into `records`:
     `numpy.random.default_rng([seed, c + 1])`, so a seed gives the same split on every machine and a class's
     split does not depend on the other classes.
 
+K-fold cross-validation (`--folds K`): `assign_folds(records, k, seed)` gives each image its fold 1..K with
+scikit-learn's `StratifiedKFold` (no groups) or `StratifiedGroupKFold` (a group, e.g. a lesion, goes whole to one
+fold), `shuffle=True, random_state=seed`, the image's label as the stratum (unlabelled: -1), so a seed gives the
+same folds on every machine. `fold_splits(records, k, fold, seed)` is the run of one fold: test = that fold,
+train / val = the other folds split by `split_records` (fractions 1 - VAL_FRACTION, VAL_FRACTION, 0), so the
+validation images that pick the checkpoint and the decision threshold never include a test image.
+
 `save_splits(splits, records, path)` writes a CSV with columns image, label, split (image = the path relative to
 `records.root`, or the store key), one row per assigned image in record order; `load_splits(path, records)`
 reads it back against (possibly re-opened) records. `check_splits` verifies that sides are disjoint and that no
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +141,55 @@ def uncovered_classes(records: ImageRecords, side: np.ndarray, fr: np.ndarray) -
     return notes
 
 
+VAL_FRACTION = 0.15  # of the training folds, the inner validation split of a --folds run
+
+
+def assign_folds(records: ImageRecords, k: int, seed: int = 0) -> np.ndarray:
+    """[N] int64 fold number 1..k of each image: stratified by label, grouped by `records.groups`, seeded
+    (scikit-learn StratifiedKFold / StratifiedGroupKFold, shuffle=True, random_state=seed). ValueError when there
+    are fewer than k units (groups, or images without one); a class with fewer units than k folds is named in
+    one printed line (some test folds hold none of it)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    k, n = int(k), len(records)
+    if k < 2:
+        raise ValueError(f"cross-validation needs k >= 2 folds, got {k}")
+    _, unit = np.unique(_group_keys(records), return_inverse=True)
+    unit = unit.reshape(-1)
+    n_units = int(unit.max()) + 1 if n else 0
+    if n_units < k:
+        what = "groups" if records.groups is not None else "images"
+        raise ValueError(f"{k} folds need at least {k} {what}; the data has {n_units}")
+    labels = np.maximum(np.asarray(records.labels, dtype=np.int64), -1)
+    rs = int(seed) % 2**32
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=rs) if n_units == n
+                else StratifiedGroupKFold(k, shuffle=True, random_state=rs))
+    fold = np.zeros(n, dtype=np.int64)
+    with warnings.catch_warnings():  # "the least populated class has only m members": said below in our words
+        warnings.filterwarnings("ignore", message=".*least populated class.*", category=UserWarning)
+        parts = splitter.split(np.zeros((n, 1)), labels, None if n_units == n else unit)
+        for f, (_, test) in enumerate(parts):
+            fold[test] = f + 1
+    for c in np.unique(labels[labels >= 0]):
+        missing = k - len(np.unique(fold[labels == c]))
+        if missing:
+            name = records.classes[c] if c < len(records.classes) else str(int(c))
+            print(f"folds: class {name!r} has {int((labels == c).sum())} images in {len(np.unique(unit[labels == c]))} "
+                  f"unit(s): {missing} of the {k} test folds hold none of it, so its metrics there are undefined")
+    return fold
+
+
+def fold_splits(records: ImageRecords, k: int, fold: int, seed: int = 0,
+                val_fraction: float = VAL_FRACTION) -> dict[str, np.ndarray]:
+    """The splits of fold `fold` (1..k) of a k-fold cross-validation: test = the images of that fold
+    (`assign_folds`), train / val = the other folds through `split_records` (stratified, grouped, seeded)."""
+    if not 1 <= int(fold) <= int(k):
+        raise ValueError(f"fold must be in 1..{k}, got {fold}")
+    folds = assign_folds(records, k, seed)
+    test, rest = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+    inner = split_records(records.subset(rest), fractions=(1.0 - val_fraction, val_fraction, 0.0), seed=seed)
+    return {"train": rest[inner["train"]], "val": rest[inner["val"]], "test": test.astype(np.int64)}
+
+
 def check_splits(splits: dict, records: ImageRecords) -> None:
     """ValueError if an index is out of range or on two sides, or if a group spans two sides."""
     seen = np.zeros(len(records), dtype=np.int64)
@@ -152,12 +209,14 @@ def check_splits(splits: dict, records: ImageRecords) -> None:
 
 
 def _image_keys(records: ImageRecords) -> list[str]:
-    """How save_splits names each image: its path relative to records.root (POSIX), or the store key."""
+    """How save_splits names each image: the path the user gave (`records.origins`: a converted copy in the cache
+    is named by its original), relative to records.root (POSIX) where it lies under it, or the store key."""
+    names = list(getattr(records, "origins", None) or records.paths)
     if records.store is not None or not records.root:
-        return [str(p) for p in records.paths]
+        return [str(p) for p in names]
     root = os.path.abspath(records.root)
     out = []
-    for p in records.paths:
+    for p in names:
         a = os.path.abspath(p)
         out.append(Path(os.path.relpath(a, root)).as_posix() if a.startswith(root + os.sep) else str(p))
     return out

@@ -7,7 +7,8 @@
   opacity from its own ranges (``_STYLES``) and has its own colour painter (``_PAINTERS``: pigment network,
   blotches, vessels, lagoons, scale, central scar...). Ranges overlap on purpose, so telling classes apart needs
   shape, colour and texture together. Hair strokes are added to ~30% of images regardless of class.
-* ``generate_toy_dataset`` writes ``images/<name>.jpg``, ``labels.csv`` (``image,label``) and ``meta.json`` into a
+* ``generate_toy_dataset`` writes ``images/<name>.jpg``, the lesion masks ``masks/<name>.png`` (8-bit grey, 0 / 255;
+  the painter knows the outline), ``labels.csv`` (``image,label,mask``) and ``meta.json`` into a
   cache directory, so the default training run decodes real JPEG files. Image ``i`` is drawn from
   ``numpy.random.default_rng([seed, i])`` and the label order is a seeded shuffle of ``class_counts``, so a seed
   gives byte-identical files. Everything is written into a temporary sibling directory renamed into place at the
@@ -289,9 +290,11 @@ def _lesion(rng: np.random.Generator, st: _Style, x: np.ndarray, y: np.ndarray) 
     return g._replace(s=s, mask=mask)
 
 
-def render_lesion(rng: np.random.Generator, label: str, size: int) -> np.ndarray:
+def render_lesion(rng: np.random.Generator, label: str, size: int, with_mask: bool = False):
     """One dermoscopy-like image of class ``label`` (a code in ``CLASSES``): (size, size, 3) uint8 RGB.
-    The output depends only on the state of ``rng``."""
+    The output depends only on the state of ``rng``. ``with_mask``: also the lesion mask, (size, size) uint8
+    0 / 255, 255 inside the painted outline (normalised radius ``s < 1``: where the soft mask that blends the
+    lesion in is above one half); drawing it takes nothing from ``rng``, so the image is the same either way."""
     if label not in _STYLES:
         raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
     if size < 16:
@@ -312,7 +315,8 @@ def render_lesion(rng: np.random.Generator, label: str, size: int) -> np.ndarray
     if rng.random() < 0.25:  # circular field of view: dark corners
         light *= np.clip((np.float32(rng.uniform(1.05, 1.35)) - np.sqrt(r2)) / np.float32(0.08), 0, 1)
     img = img * light[..., None] + np.float32(0.012) * rng.standard_normal(img.shape, dtype=np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    img = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (img, np.where(g.s < 1, np.uint8(255), np.uint8(0))) if with_mask else img
 
 
 # ------------------------------------------------------------------------------------------------- the dataset
@@ -331,10 +335,11 @@ def _complete(root: Path, meta: dict) -> bool:
         with open(root / "labels.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         present = set(os.listdir(root / "images"))
+        masks = set(os.listdir(root / "masks"))
     except (OSError, ValueError):
         return False
     return (len(rows) == meta["n_images"] and all(r.get("label") in CLASSES for r in rows)
-            and all(f"{r['image']}.jpg" in present for r in rows))
+            and all(f"{r['image']}.jpg" in present and f"{r['image']}.png" in masks for r in rows))
 
 
 def generate_toy_dataset(root: str | os.PathLike | None = None, n_images: int = 1200, image_size: int = 128,
@@ -350,7 +355,8 @@ def generate_toy_dataset(root: str | os.PathLike | None = None, n_images: int = 
         root = default_cache_dir() / f"toy-v{TOY_VERSION}-n{n_images}-s{image_size}-seed{seed}"
     root = Path(root)
     meta = {"generator": _GENERATOR, "version": TOY_VERSION, "n_images": int(n_images),
-            "image_size": int(image_size), "seed": int(seed), "jpeg_quality": JPEG_QUALITY, "classes": list(CLASSES)}
+            "image_size": int(image_size), "seed": int(seed), "jpeg_quality": JPEG_QUALITY, "classes": list(CLASSES),
+            "masks": "png"}  # a directory written before masks existed regenerates (same JPEG bytes) once
     if not force and _complete(root, meta):
         return root
     foreign = root.exists() and (not root.is_dir() or any(root.iterdir()))
@@ -364,12 +370,15 @@ def generate_toy_dataset(root: str | os.PathLike | None = None, n_images: int = 
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
         names = [f"toy_{i:06d}" for i in range(n_images)]
         for i in tqdm(range(n_images), desc=f"toy dataset -> {root.name}", unit="img", disable=not progress):
-            img = render_lesion(np.random.default_rng([seed, i]), labels[i], image_size)
+            img, mask = render_lesion(np.random.default_rng([seed, i]), labels[i], image_size, with_mask=True)
             Image.fromarray(img).save(tmp / "images" / f"{names[i]}.jpg", quality=JPEG_QUALITY)
+            Image.fromarray(mask).save(tmp / "masks" / f"{names[i]}.png")
         with open(tmp / "labels.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("image", "label"), *zip(names, labels)])
+            csv.writer(f).writerows([("image", "label", "mask"),
+                                     *((n, lab, f"masks/{n}.png") for n, lab in zip(names, labels))])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # written last: marks completeness
         if root.exists():  # a stale / incomplete / forced toy dataset: move it aside, then swap in the new one
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))

@@ -66,6 +66,7 @@ class ValidationReport:
     converted: list[tuple[str, str, str]] = field(default_factory=list)   # (key, converted_path, why)
     skipped: list[tuple[str, str]] = field(default_factory=list)          # (key, reason)
     missing: list[tuple[str, str]] = field(default_factory=list)          # (name, reason), from the adapter
+    mask_skipped: list[tuple[str, str]] = field(default_factory=list)     # (image, reason): kept, without mask
     skipped_class: list[str | None] = field(default_factory=list)         # class of each skipped image
     cached: int = 0                                                 # verdicts taken from the cache
     path: Path | None = None                                        # data_report.csv, once written
@@ -83,20 +84,24 @@ class ValidationReport:
                 "skipped": self.n_skipped, "missing": len(self.missing)}
 
     def write(self, run_dir) -> Path:
-        """run_dir/data_report.csv: image, status (skipped / missing / converted), reason."""
+        """run_dir/data_report.csv: image (as the user gave it), status (skipped / missing / converted /
+        mask-skipped: the image is used, its mask is not), reason."""
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(run_dir) / "data_report.csv"
         with open(self.path, "w", newline="") as f:
             csv.writer(f).writerows([("image", "status", "reason")] + [(k, "skipped", r) for k, r in self.skipped]
                                     + [(k, "missing", r) for k, r in self.missing]
-                                    + [(k, "converted", f"{why} -> {p}") for k, p, why in self.converted])
+                                    + [(k, "converted", f"{why} -> {p}") for k, p, why in self.converted]
+                                    + [(k, "mask-skipped", r) for k, r in self.mask_skipped])
         return self.path
 
     def summary(self) -> str:
         miss = f" ({len(self.missing):,} missing)" if self.missing else ""
         see = f" (see {self.path})" if self.path is not None and (self.n_skipped or self.converted) else ""
+        masks = f", {len(self.mask_skipped):,} masks unusable" if self.mask_skipped else ""
+        see = see if not self.mask_skipped or see or self.path is None else f" (see {self.path})"
         return (f"validated {self.total:,} images: {self.n_usable:,} usable ({len(self.converted):,} converted), "
-                f"{self.n_skipped:,} skipped{miss}{see}")
+                f"{self.n_skipped:,} skipped{miss}{masks}{see}")
 
 
 # ----------------------------------------------------------------------------------------------------- one image
@@ -361,7 +366,7 @@ def validate_records(records: ImageRecords, *, cache_dir: Path, max_pixels: int 
 
     keep, converted_at = [], {}
     for i, (status, reason, conv) in enumerate(verdicts):
-        key = records.paths[i]
+        key = records.origins[i]  # the user's name for the image in every report
         if status == "skipped":
             report.skipped.append((key, reason))
             lab = int(records.labels[i])
@@ -379,7 +384,28 @@ def validate_records(records: ImageRecords, *, cache_dir: Path, max_pixels: int 
             out.paths[j] = conv
     elif converted_at:
         out.store = OverrideStore(store, {out.paths[j]: conv for j, conv in converted_at.items()})
+    if out.has_masks:
+        _prepare_masks(out, report, cache_dir / "masks")
     return out, report
+
+
+def _prepare_masks(records: ImageRecords, report: ValidationReport, out_dir: Path) -> None:
+    """Point each usable image's mask at its stored 0 / 255 grey PNG (`masks.prepare_mask`); a mask that cannot
+    be used (unreadable, another size than the image) is dropped ("") and reported as mask-skipped."""
+    from dermfast.data.augment import image_size
+    from dermfast.data.masks import prepare_mask
+    for j, m in enumerate(records.masks):
+        if not m:
+            continue
+        try:
+            size = image_size(records.read_bytes(j))
+        except (OSError, ValueError) as e:
+            stored, reason = "", f"image size unreadable ({e})"
+        else:
+            stored, reason = prepare_mask(m, size, out_dir)
+        records.masks[j] = stored
+        if reason:
+            report.mask_skipped.append((records.origins[j], reason))
 
 
 def require_usable(records: ImageRecords, report: ValidationReport, require_all_classes: bool = True) -> None:

@@ -9,6 +9,10 @@ it: "baseline_verdict"), per-class
 table, confusion matrix, ROC and precision-recall curves (one-vs-rest per class; binary problems show the
 positive class), reliability diagram, the most confident errors per true class as thumbnails, and Grad-CAM /
 attention-rollout overlays.
+
+`write_cv_report` is the page of a cross-validation (dermfast/train/cv.py): per fold the model beside the
+trivial baseline, the mean and standard deviation over folds, the pooled out-of-fold metrics, and the paired
+per-fold differences with their standard errors and the verdict.
 """
 from __future__ import annotations
 
@@ -181,6 +185,65 @@ positive class (pAUC, sensitivity): {_fmt(metrics.get("positive_class"))}</p>
 <h2>Figures</h2>{figs}
 <h2>Most confident errors</h2>{err_html}
 <h2>Explanations ({html.escape(explain_method or "none")})</h2><div class=row>{exp_html}</div>
+</body></html>
+"""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+CV_KEYS = (("balanced_accuracy_val_threshold", "balanced accuracy (fold's val threshold)"),
+           ("balanced_accuracy", "balanced accuracy (arg-max)"), ("auroc", "AUROC"),
+           ("pauc_80tpr", "pAUC above 80% TPR"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"))
+
+
+def write_cv_report(path: Path, cv: dict) -> Path:
+    """report.html of a cross-validation: `cv` is cv_metrics.json as dermfast.train.cv.collect writes it."""
+    def ms(s: dict) -> str:
+        if s.get("mean") is None:
+            return _fmt(None)
+        return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s.get("std") is not None else "")
+
+    base = cv.get("baseline")
+    head = "".join(f"<th>{html.escape(lab)}<br>model</th><th>baseline</th>" for _, lab in CV_KEYS)
+    rows = ""
+    for e in cv["per_fold"]:
+        b = e.get("baseline") or {}
+        rows += (f"<tr><td>fold {e['fold']}</td><td>{e['n_train']} / {e['n_val']} / {e['n_test']}</td>"
+                 f"<td>{_fmt(e.get('threshold'))}</td>"
+                 + "".join(f"<td>{_fmt(e['model'].get(k))}</td><td>{_fmt(b.get(k))}</td>" for k, _ in CV_KEYS)
+                 + "</tr>")
+    mm, bm = cv["model"]["mean_std"], (base or {}).get("mean_std", {})
+    rows += ("<tr><td><b>mean ± sd</b></td><td></td><td></td>"
+             + "".join(f"<td>{ms(mm[k])}</td><td>{ms(bm.get(k, {}))}</td>" for k, _ in CV_KEYS) + "</tr>")
+    po, bpo = cv["model"]["pooled_oof"], (base or {}).get("pooled_oof", {})
+    rows += ("<tr><td><b>pooled out-of-fold</b></td><td></td><td></td>"
+             + "".join(f"<td>{_fmt(po.get(k))}</td><td>{_fmt(bpo.get(k))}</td>" for k, _ in CV_KEYS) + "</tr>")
+    diff_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(d.get('mean'))}</td><td>{_fmt(d.get('se'))}</td>"
+        f"<td>{d.get('n_folds')}</td><td>{html.escape(', '.join(f'{x:+.3f}' for x in d.get('per_fold', [])))}</td></tr>"
+        for k, d in (cv.get("paired_difference") or {}).items())
+    thr = cv.get("threshold")
+    thr_html = (f"<p>decision threshold for new data: p_{html.escape(str(cv['positive_class']))} &ge; "
+                f"{thr['value']:.4f} (chosen on the pooled out-of-fold predictions)</p>" if thr else "")
+    warn = f'<p class=warn><b>warning:</b> {html.escape(cv["warning"])}</p>' if cv.get("warning") else ""
+    doc = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dermfast cross-validation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left}}
+.warn{{color:#a00}}</style></head><body>
+<h1>dermfast {cv['folds']}-fold cross-validation ({html.escape(str(cv.get('stage')))})</h1>
+<p>{cv['n_images']} images, classes {html.escape(', '.join(cv['classes']))}; positive class
+{_fmt(cv.get('positive_class'))}; seed {cv.get('seed')}. Each fold trained on the other folds, chose its checkpoint
+and threshold on a validation split of them, and was tested on its own images. Baseline: {html.escape(
+        str((base or {}).get('name', 'none')))}, fitted on each fold's training images.</p>
+<p><b>{html.escape(str(cv.get('verdict')))}</b></p>{warn}{thr_html}
+<h2>Per fold (train / val / test images)</h2>
+<table><tr><th>fold</th><th>images</th><th>threshold (val)</th>{head}</tr>{rows}</table>
+<h2>Paired per-fold differences, model - baseline</h2>
+<table><tr><th>metric</th><th>mean</th><th>standard error</th><th>folds</th><th>per fold</th></tr>{diff_rows}</table>
 </body></html>
 """
     path = Path(path)

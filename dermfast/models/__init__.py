@@ -20,6 +20,9 @@ def __getattr__(name: str):
     if name in ("PatchReport", "patch_report"):
         from dermfast.models import patch
         return getattr(patch, name)
+    if name == "MaskedBeitAttention":
+        from dermfast.models.patch_beit import MaskedBeitAttention
+        return MaskedBeitAttention
     if name == "patch_transformers":
         from dermfast.models.patch_transformers import patch_transformers
         return patch_transformers

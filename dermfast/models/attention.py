@@ -1,5 +1,6 @@
 """MaskedAttention: timm's `Attention` with dermfast's masked-patch attention as its core, its rotary siblings
-(MaskedEvaAttention, MaskedAttentionRope: timm's EvaAttention / AttentionRope, dense tokens only), and `patch_timm`.
+(MaskedEvaAttention, MaskedAttentionRope: timm's EvaAttention / AttentionRope, dense tokens only), and `patch_timm`
+(which also swaps BEiT's relative-position-bias attention for `dermfast.models.patch_beit.MaskedBeitAttention`).
 
 Why a subclass: same parameters, buffers and state_dict keys as `timm.layers.Attention` (qkv, q_norm, k_norm,
 norm, proj, ...), so pretrained timm checkpoints load unchanged and `patch_timm(model)` can swap the class of
@@ -37,21 +38,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionRope
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
 from torch import nn
 
-from dermfast.models.patch import PatchReport, attention_like, qualname, set_report
+from dermfast.models.patch import PatchReport, attention_like, autocast_qkv, qualname, set_report
+from dermfast.models.patch_beit import MaskedBeitAttention
 from dermfast.ops.masked_attention_op import masked_attention
-
-
-def _autocast(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Under autocast, q, k, v in the autocast dtype, as autocast does for SDPA (qk_norm's LayerNorm runs in
-    fp32 under autocast while v stays bf16; timm's SDPA call is cast the same way)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return q.to(dtype), k.to(dtype), v.to(dtype)
-    return q, k, v
 
 
 @dataclass(eq=False)
@@ -134,14 +127,14 @@ class MaskedAttention(Attention):
             tokens = x.reshape(-1, x.shape[-1])
             T = tokens.shape[0]
             q, k, v = self.qkv(tokens).reshape(T, 3, H, Dh).unbind(1)  # [T, H, Dh] strided views
-            q, k, v = _autocast(x, self.q_norm(q), self.k_norm(k), v)
+            q, k, v = autocast_qkv(x, self.q_norm(q), self.k_norm(k), v)
             o = masked_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=self.scale,
                                  backend=self.backend, host_index=host)
             o = o.reshape(*x.shape[:-1], attn_dim)
         else:
             B, N, _ = x.shape
             q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh]
-            q, k, v = _autocast(x, self.q_norm(q), self.k_norm(k), v)
+            q, k, v = autocast_qkv(x, self.q_norm(q), self.k_norm(k), v)
             o = masked_attention(q, k, v, lengths=lengths, scale=self.scale, backend=self.backend,
                                  host_index=host)
             o = o.transpose(1, 2).reshape(B, N, attn_dim)
@@ -185,7 +178,7 @@ class _RopeMasked:
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        q, k, v = _autocast(x, q, k, v)
+        q, k, v = autocast_qkv(x, q, k, v)
         o = masked_attention(q, k, v, scale=self.scale, backend=self.backend)
         o = self.norm(o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
         if gate is not None:
@@ -229,27 +222,31 @@ class MaskedAttentionRope(_RopeMasked, AttentionRope):
 
 
 # timm class -> its dermfast swap (exact class match: a subclass may have its own forward)
-SWAPS = {Attention: MaskedAttention, EvaAttention: MaskedEvaAttention, AttentionRope: MaskedAttentionRope}
+SWAPS = {Attention: MaskedAttention, EvaAttention: MaskedEvaAttention, AttentionRope: MaskedAttentionRope,
+         BeitAttention: MaskedBeitAttention}
 
 
 def _why_left(module: nn.Module) -> str:
-    if getattr(module, "relative_position_bias_table", None) is not None or "beit" in type(module).__module__:
-        return "relative position bias not supported yet"
+    if getattr(module, "relative_position_bias_table", None) is not None:
+        return "relative position bias in a class dermfast does not swap (only timm.models.beit.Attention)"
     for base in SWAPS:
         if isinstance(module, base):
             return f"subclass of timm {base.__name__} with its own forward (only the exact class is swapped)"
-    return "not a timm Attention / EvaAttention / AttentionRope"
+    return "not a timm Attention / EvaAttention / AttentionRope / beit.Attention"
 
 
 def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Swap every timm `Attention`, `EvaAttention` and `AttentionRope` in `model` for its dermfast subclass
-    (`MaskedAttention`, `MaskedEvaAttention`, `MaskedAttentionRope`), in place; returns `model`.
+    """Swap every timm `Attention`, `EvaAttention`, `AttentionRope` and BEiT `timm.models.beit.Attention` in
+    `model` for its dermfast subclass (`MaskedAttention`, `MaskedEvaAttention`, `MaskedAttentionRope`,
+    `MaskedBeitAttention`: relative position bias through `dermfast.ops.attention_bias`), in place; returns
+    `model`.
 
-    Only modules whose class is exactly one of those three are swapped (subclasses with their own forward are
+    Only modules whose class is exactly one of those four are swapped (subclasses with their own forward are
     left alone; modules already swapped are kept). Weights, state_dict keys, hooks and parameter identity are
     unchanged. `backend` is stored on each module (None = automatic). Leaves a report on the model
     (`dermfast.patch_report(model)`): each module swapped, and each attention-like module left with the reason
-    (relative position bias, BEiT, is not supported yet). Raises ValueError if the model holds nothing to swap.
+    (e.g. a relative-position-bias attention of another class). Raises ValueError if the model holds nothing
+    to swap.
     """
     report = PatchReport("timm")
     swapped_classes = tuple(SWAPS.values())
@@ -258,7 +255,8 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         if old in SWAPS:
             module.__class__ = SWAPS[old]
         if type(module) in swapped_classes:
-            note = "already swapped" if old is type(module) else ""
+            notes = [module.describe()] if hasattr(module, "describe") else []
+            note = ", ".join(notes + (["already swapped"] if old is type(module) else []))
             if backend is not None:
                 module.backend = backend
             drop = module.attn_drop.p
@@ -269,9 +267,9 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         elif attention_like(module):
             report.left.append((name, qualname(module), _why_left(module)))
     if not report.swapped:
-        raise ValueError(f"patch_timm: {type(model).__name__} holds no timm.layers.Attention, EvaAttention or "
-                         f"AttentionRope module to swap" + "".join(f"; left {n or '<model>'}: {why}"
-                                                               for n, _, why in report.left[:3]))
+        left = "".join(f"; left {n or '<model>'}: {why}" for n, _, why in report.left[:3])
+        raise ValueError(f"patch_timm: {type(model).__name__} holds no timm.layers.Attention, EvaAttention, "
+                         f"AttentionRope or beit.Attention module to swap{left}")
     set_report(model, report)
     return model
 

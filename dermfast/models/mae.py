@@ -193,6 +193,13 @@ class MaskedAutoencoderViT(nn.Module):
 
         Only the kept pixel patches are embedded (`masked_patch_embed`): 4x fewer patch-embed FLOPs at 0.75.
         """
+        latent, m = self.forward_encoder_keep(imgs, seed, step, mask_ratio, sample_offset)
+        return latent, m.mask, m.ids_restore
+
+    def forward_encoder_keep(self, imgs: torch.Tensor, seed: int, step: int, mask_ratio: float | None = None,
+                             sample_offset: int = 0):
+        """`forward_encoder` returning (latent [B, 1 + K, D], the `MaskingResult`): latent[:, 1 + j] is the patch
+        at position ids_keep[:, j] (what TEDMAE's distillation gathers its targets with)."""
         m = self.masking(imgs.shape[0], seed, step, mask_ratio, sample_offset, imgs.device)
         proj = self.patch_embed.proj
         x = masked_patch_embed(imgs, proj.weight, proj.bias, self.cfg.patch_size, m.ids_keep, self.pos_embed)
@@ -200,7 +207,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x), m.mask, m.ids_restore
+        return self.norm(x), m
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)

@@ -4,8 +4,9 @@ Every patch function (`dermfast.patch_timm`, `dermfast.patch_transformers`) retu
 leaves a `PatchReport` on it (attribute `_dermfast_patch_report`): one line per module it swapped, and one line per
 attention-like module it left alone with the reason, so a user sees before training what will be fused:
 
-    swapped  blocks.0.attn        EvaAttention -> MaskedEvaAttention
-    left     blocks.0.attn        Attention (timm.models.beit): relative position bias not supported yet
+    swapped  blocks.0.attn  EvaAttention -> MaskedEvaAttention
+    left     layers.0.blocks.0.attn  WindowAttention (timm.models.swin_transformer): relative position bias in a
+             class dermfast does not swap (only timm.models.beit.Attention)
 
 "Attention-like" for the left lines means: a module whose class name contains "Attention" or "SelfAttention"
 that was not swapped (a heuristic on names, stated here so nobody mistakes it for a guarantee). Patching again
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 _ATTR = "_dermfast_patch_report"
@@ -43,13 +45,24 @@ class PatchReport:
         return "\n".join([head, *self.lines()])
 
 
+def autocast_qkv(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under autocast, q, k, v in the autocast dtype, as autocast does for SDPA (qk_norm's LayerNorm runs in
+    fp32 under autocast while v stays bf16; timm's and HF's SDPA calls are cast the same way). x: the module's
+    input (its device type names the autocast context)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 def attention_like(module: nn.Module) -> bool:
     """The name heuristic for the report's `left` lines (see the module docstring)."""
     return "attention" in type(module).__name__.lower()
 
 
 def qualname(module: nn.Module) -> str:
-    """Class name with its defining module, e.g. 'Attention (timm.models.beit)'."""
+    """Class name with its defining module, e.g. 'WindowAttention (timm.models.swin_transformer)'."""
     cls = type(module)
     return f"{cls.__name__} ({cls.__module__})"
 

@@ -35,7 +35,7 @@ from transformers.models.dinov2 import modeling_dinov2 as hf_dinov2
 from transformers.models.vit import modeling_vit as hf_vit
 from transformers.models.vit_mae import modeling_vit_mae as hf
 
-from dermfast.models.patch import PatchReport, attention_like, qualname, set_report
+from dermfast.models.patch import PatchReport, attention_like, autocast_qkv, qualname, set_report
 from dermfast.ops.mae_loss_op import mae_loss
 from dermfast.ops.masked_attention_op import masked_attention
 from dermfast.ops.random_masking_op import random_masking
@@ -91,10 +91,7 @@ class _MaskedHFAttention:
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, N, Dh]
         k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        device = hidden_states.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q, k, v = autocast_qkv(hidden_states, q, k, v)
         o = masked_attention(q, k, v, scale=self.scaling, backend=self.backend)
         o = o.transpose(1, 2).reshape(*input_shape, -1).contiguous()
         return self.o_proj(o), None

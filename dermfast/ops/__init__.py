@@ -5,6 +5,7 @@ Naming: the op `<name>` is the function `dermfast.ops.<name>`; its module is `de
 `_op` suffix keeps modules and functions distinguishable: with a module of the same name as the function it
 exports, `import dermfast.ops.<name>` would hand back the function, not the module.
 """
+from dermfast.ops.attention_bias_op import AttentionBias, attention_bias, attention_bias_ref
 from dermfast.ops.kd_loss_op import KDLoss, kd_loss, kd_loss_ref
 from dermfast.ops.mae_loss_op import MAELoss, mae_loss, mae_loss_ref, patchify, unpatchify
 from dermfast.ops.masked_attention_op import masked_attention, masked_attention_ref
@@ -12,7 +13,8 @@ from dermfast.ops.masked_patch_embed_op import masked_patch_embed, masked_patch_
 from dermfast.ops.random_masking_op import (MaskingResult, random_masking, random_masking_indices,
                                             random_masking_ref)
 from dermfast.ops import selftest  # noqa: F401  (installs the self-test into automatic dispatch)
-from dermfast.ops.registry import (BACKENDS, BackendUnavailable, Query, get_backend, ops, set_backend,
+from dermfast.ops import dispatch_table  # noqa: F401  (the measured order automatic dispatch reads)
+from dermfast.ops.registry import (BACKENDS, PEERS, BackendUnavailable, Query, get_backend, ops, set_backend,
                                    use_backend)
 
 __all__ = [
@@ -22,4 +24,5 @@ __all__ = [
     "MaskingResult", "masked_patch_embed", "masked_patch_embed_ref", "random_masking_indices",
     "KDLoss", "kd_loss", "kd_loss_ref",
     "masked_attention", "masked_attention_ref",
+    "AttentionBias", "attention_bias", "attention_bias_ref", "PEERS",
 ]

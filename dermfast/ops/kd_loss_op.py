@@ -26,7 +26,9 @@ Contract (every backend, checked by tests/test_kd_loss.py against `kd_loss_ref` 
 
 Backends: cuda (csrc/kd_loss.cu), triton (kernels/kd_loss.py), torch (closed form, any device and dtype).
 All run inside the custom op `dermfast::kd_loss` (fake implementation shared, autograd registered), so
-torch.compile(fullgraph=True) traces through it.
+torch.compile(fullgraph=True) traces through it. Peer: liger (dermfast/ops/kd_loss_peers.py), when liger_kernel
+is installed. Automatic order on a GPU: the measured dispatch table (class count bucket) where one exists, else
+cuda, triton, liger, torch (one pass over the logits before a composition that reads them three times).
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dermfast.ops import kd_loss_peers
 from dermfast.ops._device import on_device
+from dermfast.ops.dispatch_table import bucket
 from dermfast.ops.registry import Query, all_of, define_op, dtype_in, needs_cuda_ext, needs_triton_device
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -216,6 +220,8 @@ def _ext_has_kd_loss(q: Query) -> str | None:
 kd_loss_op.register("cuda", all_of(needs_cuda_ext, _ext_has_kd_loss, dtype_in(*_FUSED_DTYPES)))(_cuda_fwd)
 kd_loss_op.register("triton", all_of(needs_triton_device, dtype_in(*_FUSED_DTYPES)))(_triton_fwd)
 kd_loss_op.register("torch")(_torch_fwd)
+kd_loss_peers.register(kd_loss_op)  # liger, when liger_kernel is installed (dermfast/ops/kd_loss_peers.py)
+kd_loss_op.shape_class = lambda q: f"C{bucket(q.sizes.get('C', 1))}"  # dispatch-table class: class count
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +234,8 @@ def _kd_loss_custom(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     class_weight: Optional[torch.Tensor], temperature: float, alpha: float, reduction: str,
                     write_grad: bool, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, d loss / d student_logits or an empty [0, 0] tensor when write_grad is False)."""
-    q = Query(student_logits.device, student_logits.dtype, {"C": student_logits.shape[1]}, write_grad)
+    q = Query(student_logits.device, student_logits.dtype,
+              {"C": student_logits.shape[1], "rows": int(reduction == "none")}, write_grad)
     impl = kd_loss_op.select(q, backend)
     s = student_logits if student_logits.stride(1) == 1 else student_logits.contiguous()
     t = teacher_logits if teacher_logits.stride(1) == 1 else teacher_logits.contiguous()

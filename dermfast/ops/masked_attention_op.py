@@ -19,6 +19,14 @@ dtype including float64, any head dim, any device). The public function is the `
 op `dermfast::masked_attention_bwd`, with one fake implementation each, so torch.compile and export see them.
 The backend is chosen inside the op body at run time.
 
+Peers (dermfast/ops/attention_peers.py): flash_attn (varlen), sdpa (dense), sdpa_nested (jagged NestedTensor),
+flex (BlockMask) are backends of the same registry op, chosen by the public `masked_attention()` before the
+custom op: a peer serves the whole call with its own autograd (no lse output); dermfast's backends go through
+the custom op. Automatic order on a GPU: the measured dispatch table where one exists, else the peers first
+(`attention_peers.CUDA_DEFAULT_ORDER`: dermfast's kernel is the default only where it measured >= its best
+peer); on a CPU the torch reference (peers only when named). Dispatch shape class: layout / head dim / length
+bucket (`shape_class`).
+
 Validation happens in Python before any launch: shapes, dtypes, devices, and the index values (cu_seqlens
 starts at 0, never decreases, ends at T; 0 <= lengths <= N; max_seqlen not below the longest segment). A caller
 that built the index tensor from host values (a training step always does: the keep counts are host ints)
@@ -35,8 +43,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from dermfast.ops import attention_peers
 from dermfast.ops._device import on_device
-from dermfast.ops.registry import Query, all_of, define_op, dtype_in, needs_triton_device
+from dermfast.ops.dispatch_table import bucket
+from dermfast.ops.registry import BACKENDS, Query, all_of, define_op, dtype_in, needs_triton_device
 
 _CHECKED_ATTR = "_dermfast_masked_attention_checked"
 
@@ -334,10 +344,36 @@ masked_attention_fwd_op.register("torch")(_torch_forward)
 masked_attention_bwd_op = define_op("masked_attention_bwd", "masked-patch attention backward (dq, dk, dv)")
 masked_attention_bwd_op.register("triton", _triton_supports)(_triton_backward)
 masked_attention_bwd_op.register("torch")(_torch_backward)
+attention_peers.register(masked_attention_fwd_op)
 
 
-def _query(q: torch.Tensor, packed: bool) -> Query:
-    return Query(q.device, q.dtype, {"D": q.shape[-1], "packed": int(packed)}, q.requires_grad)
+def shape_class(q: Query) -> str:
+    """Dispatch-table class: layout / head dim / longest sequence rounded up to a power of two ("L?" unknown)."""
+    layout = attention_peers.LAYOUTS.get(q.sizes.get("layout", -1), "any")
+    L = q.sizes.get("L")
+    return f"{layout}/D{q.sizes.get('D', '?')}/L{bucket(L) if L is not None else '?'}"
+
+
+masked_attention_fwd_op.shape_class = shape_class
+masked_attention_bwd_op.shape_class = shape_class
+
+
+def _query(q: torch.Tensor, packed: bool, layout: str | None = None, L: int | None = None,
+           requires_grad: bool | None = None) -> Query:
+    """layout: 'dense' | 'packed' | 'padded'; L: the longest sequence when known on the host (max_seqlen, N)."""
+    sizes = {"D": q.shape[-1], "packed": int(packed)}
+    if layout is not None:
+        sizes["layout"] = {"dense": 0, "packed": 1, "padded": 2}[layout]
+    if L is not None:
+        sizes["L"] = int(L)
+    return Query(q.device, q.dtype, sizes, q.requires_grad if requires_grad is None else requires_grad)
+
+
+def query_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, max_seqlen: int | None) -> Query:
+    """The Query of a public call: layout, head dim, longest sequence, whether a gradient is wanted."""
+    L = max_seqlen if layout == "packed" else q.shape[2]
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _query(q, layout == "packed", layout, L, grad)
 
 
 # ------------------------------------------------------------------------------- custom ops + autograd
@@ -349,7 +385,9 @@ def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          lengths: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                          backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [q's shape, q.dtype], lse [q.shape[:-1], fp32 (fp64 for fp64)]; natural log, -inf where no key)."""
-    impl = masked_attention_fwd_op.select(_query(q, cu_seqlens is not None), backend)
+    layout = "packed" if cu_seqlens is not None else ("padded" if lengths is not None else "dense")
+    q_ = _query(q, cu_seqlens is not None, layout, max_seqlen if cu_seqlens is not None else q.shape[2])
+    impl = masked_attention_fwd_op.select(q_, backend, among=BACKENDS)
     return impl.fn(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
 
 
@@ -408,7 +446,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             needs none).
         lengths: int [B], 0 <= lengths[b] <= N (a tensor or a list of ints).
         scale: score scale, default Dh ** -0.5.
-        backend: None (automatic; env DERMFAST_BACKEND / set_backend), "triton" or "torch".
+        backend: None (automatic; env DERMFAST_BACKEND / set_backend), "triton", "torch", or a peer:
+            "flash_attn", "sdpa" (dense), "sdpa_nested" (packed), "flex" (see attention_peers).
         host_index: optional list / tuple of ints, the values of cu_seqlens (or lengths) as the caller holds
             them on the host: the values are validated from it with no host sync, and the device tensor is
             compared with it asynchronously (`torch._assert_async`). Without it, validation copies the index
@@ -416,7 +455,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Returns: [q's shape], q.dtype.
     """
     cu_seqlens, lengths = as_index(cu_seqlens, q), as_index(lengths, q)
-    validate(q, k, v, cu_seqlens, max_seqlen, lengths, scale, check_values=not torch.compiler.is_compiling(),
-             host_index=host_index)
+    layout = validate(q, k, v, cu_seqlens, max_seqlen, lengths, scale,
+                      check_values=not torch.compiler.is_compiling(), host_index=host_index)
+    impl = masked_attention_fwd_op.select(query_for(q, k, v, layout, max_seqlen), backend)
+    if impl.backend not in BACKENDS:  # a peer: the whole call, with its own autograd
+        return impl.fn(q, k, v, cu_seqlens, max_seqlen, lengths, _resolve_scale(scale, q.shape[-1]))
+    # dermfast's backends: the custom op runs the one chosen here (so forward and backward agree with this
+    # choice); while torch.compile traces, the choice is left to the op body at run time, as before peers
+    chosen = backend if backend is not None or torch.compiler.is_compiling() else impl.backend
     return _masked_attention_op(q, k, v, cu_seqlens, max_seqlen, lengths,
-                                None if scale is None else float(scale), backend)[0]
+                                None if scale is None else float(scale), chosen)[0]

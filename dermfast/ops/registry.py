@@ -1,10 +1,28 @@
 """Backend registry: every op declares, per backend, what it supports; a dispatcher picks the first that fits.
 
-Backends in priority order: cuda (csrc/, compiled extension), triton (kernels/), torch (the reference, which
-runs anywhere). A backend implementation answers a `Query` (device, dtype, named sizes) with `None` when it
-can serve it, or a one-line reason when it cannot.
+Backends: dermfast's own, cuda (csrc/, compiled extension) and triton (kernels/); torch (the reference, which
+runs anywhere); and peers, other libraries' kernels wrapped as backends of an op (masked_attention: flash_attn,
+sdpa, sdpa_nested, flex; kd_loss: liger; see dermfast/ops/attention_peers.py, kd_loss_peers.py). A backend
+implementation answers a `Query` (device, dtype, named sizes) with `None` when it can serve it, or a one-line
+reason when it cannot.
 
-- Automatic choice (no backend asked for): the first backend that fits serves; the torch reference always fits.
+Order of automatic choice, among the backends that are capable and proven (below):
+- Measured, where a measurement exists: the dispatch table that `python -m dermfast.bench` writes for this GPU
+  (dermfast/ops/dispatch_table.py), keyed by op, dtype, pass (fwd / fwd+bwd) and the op's shape class
+  (`Op.shape_class`): the fastest measured backend serves, so dermfast's kernel is used where it measured faster
+  than every peer and the peer otherwise. Backends the table does not list follow in the default order.
+- Documented, where none does (`Op.default_order`, per device type). On a CPU the torch reference comes first:
+  it is the CPU path (DESIGN.md), exact in float64, and CPU timings are never measured; other backends serve CPU
+  tensors only when named. On a GPU an op module sets its order from what is known before measuring, and says
+  why in its docstring: for masked_attention the peers come before dermfast's Triton kernel (the rule "a kernel
+  is not the default until it measures >= its best peer": FlashAttention-2's varlen backward does 5 GEMMs per
+  tile where ours does 7, and ours has never been timed on a GPU); for kd_loss dermfast's kernels come first (one
+  read of each logit matrix, where the Liger composition reads them at least three times: a bytes floor, not a
+  guess). An op that sets nothing uses cuda, triton, then torch, then its peers: the compiled and the Triton
+  kernel are the fused paths the op was written for, and the reference is the slowest by construction.
+
+- Automatic choice (no backend asked for): the first backend in that order that fits serves; the torch
+  reference always fits.
 - The Triton interpreter (`TRITON_INTERPRET=1`, how CI runs Triton kernels on CPU tensors) serves CPU tensors
   only when triton is asked for explicitly: automatic choice on CPU never picks an interpreted kernel.
 - Explicit choice (`backend=` argument, `set_backend()`, or the environment variable `DERMFAST_BACKEND`, read
@@ -14,7 +32,8 @@ can serve it, or a one-line reason when it cannot.
   archs dermfast._C was compiled for, or the driver is older than the runtime it was linked with; triton when
   Triton cannot target the device or dtype. Then proof: an automatically chosen non-torch backend serves only
   once it has passed its self-test on this device and dtype (dermfast/ops/selftest.py; DERMFAST_SELFTEST=0 turns
-  it off). A backend named explicitly is checked for capability only.
+  it off). A backend named explicitly (a peer included) is checked for capability only, and is honoured whatever
+  the dispatch table says.
 """
 from __future__ import annotations
 
@@ -25,7 +44,18 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")   # dermfast's own backends and the reference
+NATIVE: tuple[str, ...] = ("cuda", "triton")               # dermfast's kernels (ratio_to_best_peer is theirs)
+# Peer backends (other libraries' kernels), named here so that DERMFAST_BACKEND, read at import before any op
+# module registers them, knows them: name -> what it wraps. A global request for a peer applies to every op, and
+# an op without that peer refuses it (BackendUnavailable), as for any backend.
+PEERS: dict[str, str] = {
+    "flash_attn": "flash_attn.flash_attn_varlen_func / flash_attn_func (FlashAttention-2)",
+    "sdpa": "torch.nn.functional.scaled_dot_product_attention on [B, H, N, Dh] (cuDNN / flash / efficient / math)",
+    "sdpa_nested": "scaled_dot_product_attention on jagged NestedTensors (torch.nested, layout=torch.jagged)",
+    "flex": "torch.nn.attention.flex_attention with a document / length BlockMask",
+    "liger": "Liger-Kernel's LigerJSD (beta=0: forward KL) + LigerCrossEntropyLoss",
+}
 ENV_VAR = "DERMFAST_BACKEND"
 
 
@@ -37,8 +67,8 @@ def _parse_backend(value: str | None, source: str) -> str | None:
     if value is None or value.strip() in ("", "auto"):
         return None
     value = value.strip().lower()
-    if value not in BACKENDS:
-        raise ValueError(f"{source}={value!r} is not a backend; accepted: auto, {', '.join(BACKENDS)}")
+    if value not in BACKENDS and value not in PEERS:
+        raise ValueError(f"{source}={value!r} is not a backend; accepted: auto, {', '.join((*BACKENDS, *PEERS))}")
     return value
 
 
@@ -88,16 +118,20 @@ class Impl:
 
 
 class Op:
-    """A named op with one implementation per backend (at most), dispatched by capability."""
+    """A named op with one implementation per backend (at most), dispatched by capability, proof and order."""
 
     def __init__(self, name: str, doc: str = ""):
         self.name = name
         self.doc = doc
         self.impls: dict[str, Impl] = {}
+        # device type -> documented automatic order (see the module docstring); unset: cuda, triton, torch, peers
+        self.default_order: dict[str, tuple[str, ...]] = {}
+        # Query -> the shape class of the dispatch table ("" = one class); set by the op module
+        self.shape_class: Callable[[Query], str] = lambda q: ""
 
     def register(self, backend: str, supports: Supports | None = None) -> Callable[[Callable], Callable]:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        if backend not in BACKENDS and backend not in PEERS:
+            raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join((*BACKENDS, *PEERS))}")
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = Impl(backend, fn, supports or (lambda q: None))
@@ -105,30 +139,54 @@ class Op:
 
         return deco
 
+    def backends(self) -> tuple[str, ...]:
+        """dermfast's backends (implemented or not) then this op's peers."""
+        return BACKENDS + tuple(b for b in self.impls if b not in BACKENDS)
+
     def reasons(self, q: Query) -> dict[str, str | None]:
-        """For each backend in priority order: None if it can serve `q`, else why not."""
+        """For each backend (`backends()`): None if it can serve `q`, else why not."""
         out: dict[str, str | None] = {}
-        for b in BACKENDS:
+        for b in self.backends():
             impl = self.impls.get(b)
             out[b] = f"no {b} implementation of {self.name} yet" if impl is None else impl.supports(q)
         return out
 
-    def select(self, q: Query, backend: str | None = None) -> Impl:
+    def order(self, q: Query) -> tuple[list[str], str]:
+        """(the automatic order for q, where it came from: 'measured' or 'default')."""
+        default = list(self.default_order.get(q.device.type) or (*BACKENDS, *(b for b in self.impls
+                                                                            if b not in BACKENDS)))
+        default += [b for b in self.impls if b not in default]
+        if q.device.type == "cpu":
+            return default, "default"  # CPU timings are never measured: the reference first, by design
+        from dermfast.ops import dispatch_table
+        measured = dispatch_table.measured_order(
+            self.name, q.device, dispatch_table.entry_key(q.dtype, q.requires_grad, self.shape_class(q)))
+        if not measured:
+            return default, "default"
+        return [b for b in measured if b in self.impls] + [b for b in default if b not in measured], "measured"
+
+    def select(self, q: Query, backend: str | None = None, among: tuple[str, ...] | None = None) -> Impl:
+        """The implementation that serves q: `backend` (or the global request) if named, else automatic.
+        `among`: only these backends may serve (a caller that can run only some kinds of implementation)."""
         wanted = _parse_backend(backend, "backend") if backend is not None else _requested
         if wanted is not None:
             impl = self.impls.get(wanted)
             reason = f"no {wanted} implementation of {self.name} yet" if impl is None else impl.supports(q)
+            if reason is None and among is not None and wanted not in among:
+                reason = f"{wanted} cannot serve this form of {self.name} (only {', '.join(among)})"
             if reason is None:
                 return impl
             lines = "; ".join(f"{b}: {r or 'would fit'}" for b, r in self.reasons(q).items())
             raise BackendUnavailable(
                 f"{self.name}: backend {wanted!r} was requested but cannot serve "
                 f"device={q.device.type}, dtype={str(q.dtype).removeprefix('torch.')}, sizes={dict(q.sizes)}"
-                f" ({lines})"
+                f" ({reason}; {lines})"
             )
         failed: dict[str, str] = {}
-        for b in BACKENDS:
+        for b in self.order(q)[0]:
             impl = self.impls.get(b)
+            if among is not None and b not in among:
+                continue
             if impl is not None and impl.supports(q) is None and not (b == "triton" and q.device.type == "cpu"):
                 why = None if b == "torch" else _unproven(self, b, q)  # the torch reference is the spec
                 if why is None:

@@ -129,19 +129,45 @@ def _check_kd_loss(backend, device, dtype, gen):
     return [Compare(n, g, r, lo) for n, g, r, lo in zip(("loss", "d student"), got, ref, low)]
 
 
+def _attention_form(backend, device, dtype, D, L) -> tuple[str, bool]:
+    """(layout, with backward) the check runs `backend` in: packed when it serves packed (the MAE encoder's
+    form), else dense (sdpa serves only that); the backward wherever the backend has one on this device."""
+    from dermfast.ops.masked_attention_op import masked_attention_fwd_op
+    impl = masked_attention_fwd_op.impls.get(backend)
+    for layout, code in (("packed", 1), ("dense", 0)):
+        for grad in (True, False):
+            q = registry.Query(torch.device(device), dtype, {"D": D, "packed": code, "layout": code, "L": L}, grad)
+            if impl is not None and impl.supports(q) is None:
+                return layout, grad
+    return "packed", True
+
+
 @register_check("masked_attention")
 def _check_masked_attention(backend, device, dtype, gen):
     from dermfast.ops.masked_attention_op import masked_attention
     lengths = [3, 5, 1] if device.type == "cpu" else [7, 65, 1]  # the interpreter is slow: tiny on CPU
     H, D = (2, 16) if device.type == "cpu" else (3, 64)
+    layout, grad = _attention_form(backend, device, dtype, D, max(lengths))
+    if layout == "dense":  # every sequence as long as the longest
+        lengths = [max(lengths)] * 2
     T = sum(lengths)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
     qkv = [_randn(gen, T, H, D, dtype=torch.float64, device=device) for _ in range(3)]
     g = _randn(gen, T, H, D, dtype=torch.float64, device=device)
+    if layout == "dense":
+        qkv, g = ([x.view(len(lengths), lengths[0], H, D).transpose(1, 2) for x in (*qkv, g)][:3],
+                  g.view(len(lengths), lengths[0], H, D).transpose(1, 2))
+
+    def attend(b):
+        if layout == "dense":
+            return lambda q, k, v: (masked_attention(q, k, v, backend=b),)
+        return lambda q, k, v: (masked_attention(q, k, v, cu, max(lengths), backend=b),)
 
     def run(b, dt):
-        out, grads = _fwd_bwd(lambda q, k, v: (masked_attention(q, k, v, cu, max(lengths), backend=b),),
-                              [x.to(dt) for x in qkv], [0, 1, 2], g)
+        if not grad:
+            with torch.no_grad():
+                return (attend(b)(*(x.to(dt) for x in qkv))[0],)
+        out, grads = _fwd_bwd(attend(b), [x.to(dt) for x in qkv], [0, 1, 2], g)
         return (out[0], *grads)
 
     got, ref, low = run(backend, dtype), run("torch", torch.float64), run("torch", dtype)

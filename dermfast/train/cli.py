@@ -4,6 +4,7 @@ Stages register themselves (`dermfast.train.stages.register_stage`); their optio
 dataclass (`--stage X --help` lists all of them with defaults). Exit codes: 0 done; 2 bad input (one line on
 stderr, no traceback, nothing left behind); 1 a run that failed while training (diverged, out of memory);
 130 / 143 interrupted by Ctrl-C / SIGTERM (after writing a checkpoint; the message says how to resume).
+`--folds K` (finetune, distill) runs a K-fold cross-validation instead of one run: dermfast/train/cv.py.
 """
 from __future__ import annotations
 
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         if "out" not in file_values and "out" not in cli_values and info.cls.default_out:
             cli_values["out"] = info.cls.default_out
         cfg = build_config(info.cls.Config, file_values, cli_values)
-        train(info.cls, cfg, argv=argv)
+        if getattr(cfg, "folds", 0) >= 2:  # K-fold cross-validation: one run folder per fold (dermfast.train.cv)
+            from dermfast.train.cv import run_cv
+            run_cv(info.cls, cfg, argv=argv)
+        else:
+            train(info.cls, cfg, argv=argv)
     except (ConfigError, DatasetError, LoaderUnavailable) as e:
         return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     except NothingToDo as e:  # --resume auto on a finished run: what a re-run preemptible job meets

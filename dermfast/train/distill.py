@@ -149,6 +149,9 @@ def train_teacher(cfg: DistillConfig, run_dir: Path, log) -> Path:
     tcfg = FinetuneConfig(**{k: getattr(cfg, k) for k in shared}, epochs=cfg.teacher_epochs, out=str(out),
                           img_size=cfg.img_size, overwrite=True, warmup_epochs=min(1.0, cfg.warmup_epochs),
                           class_weights=True)  # a teacher that knows the rare classes is worth distilling
+    from dermfast.train.context import fold_of, set_fold
+    if fold_of(cfg) is not None:  # --folds: the teacher trains on this fold's training images only
+        set_fold(tcfg, fold_of(cfg))
     log(f"distill: no --teacher given: fine-tuning a small teacher first ({tcfg.model}, preset {tcfg.preset}, "
         f"{tcfg.img_size} px, {tcfg.epochs} epochs) into {out}; pass --teacher RUN to use your own")
     train(FinetuneStage, tcfg)

@@ -223,6 +223,7 @@ class _Trainer:
         self.total = cfg.epochs * batches // cfg.accum_steps
         if cfg.max_steps is not None:
             self.total = min(self.total, cfg.max_steps)
+        r.total_steps = self.total  # the schedule's length, for stages whose own schedules span it (TEDMAE's EMA)
         spe = batches / cfg.accum_steps
         self.warmup = min(self.total, int(cfg.warmup_epochs * spe))
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -369,7 +370,7 @@ class _Trainer:
         return self._finish()
 
     def _has_after_step(self) -> bool:
-        return type(self.stage).after_step is not Stage.after_step
+        return self.stage.uses_after_step(self.cfg)
 
     def _optimizer_step(self, loss: torch.Tensor, stop_requested: bool) -> bool:
         """Clip, check, step. Returns whether to stop now (a signal arrived; across ranks: agreed at check points).

@@ -105,6 +105,11 @@ class Stage:
     def after_step(self, run: "Run") -> None:
         """After each optimiser step that was applied (not after skipped ones): EMA, periodic images."""
 
+    def uses_after_step(self, cfg) -> bool:
+        """Whether `after_step` runs for this config. Knowing whether a step was applied costs the engine one
+        host sync per step, so a stage whose hook does nothing for some configs (MAE without TEDMAE) says so here."""
+        return type(self).after_step is not Stage.after_step
+
     def evaluate(self, run: "Run") -> dict[str, float] | None:
         """Metrics at eval points (every --eval-every steps, else each epoch end); every rank calls it, rank 0's
         dict is logged (eval_<key> columns). The model is in eval mode, under autocast, not under no_grad."""
