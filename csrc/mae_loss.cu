@@ -188,11 +188,13 @@ __global__ void __launch_bounds__(kReduceThreads) mae_loss_scale_kernel(const fl
     if (threadIdx.x == 0) *scale = *grad * 2.f * g.inv_p / fmaxf(n, 1.f);
 }
 
+// (kThreads, 1): with the thread count alone ptxas capped this kernel at 128 registers and spilled 4-8 B on sm_80
+// and sm_90 (`python -m dermfast.info --resources`); one block per SM as the floor lets it use 143, spill-free.
 template <typename TI, typename TP>
-__global__ void __launch_bounds__(kThreads) mae_loss_bwd_kernel(const TI* __restrict__ imgs,
-                                                                 const TP* __restrict__ pred, const void* mask,
-                                                                 const float* __restrict__ scale,
-                                                                 TP* __restrict__ out, Geometry g) {
+__global__ void __launch_bounds__(kThreads, 1) mae_loss_bwd_kernel(const TI* __restrict__ imgs,
+                                                                    const TP* __restrict__ pred, const void* mask,
+                                                                    const float* __restrict__ scale,
+                                                                    TP* __restrict__ out, Geometry g) {
     const std::int64_t hi = blockIdx.x, b = blockIdx.y;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const float sc = *scale;

@@ -87,3 +87,29 @@ def test_packed_rope_refuses_dropout_and_missing_positions():
         rope_attention_packed(m.train(), torch.randn(3, 32), None, None, cu)
     with pytest.raises(ValueError, match=r"positions must be an int tensor of shape \[3\]"):
         rope_attention_packed(m.eval(), torch.randn(3, 32), torch.randn(4, 32), None, cu)
+
+
+def test_eva_block_with_packed_layout_uses_each_tokens_position():
+    """Through timm's own EvaBlock (the path a patched model's blocks take): a RaggedLayout with `positions`
+    as attn_mask gives, per packed segment, what timm's block gives on that image alone with rope[ids_keep]."""
+    from timm.models.eva import EvaBlock
+
+    from dermfast.models.attention import RaggedLayout
+    npt = 1
+    plain = randomize_(EvaBlock(64, num_heads=4, num_prefix_tokens=npt, attn_head_dim=DH).double()).eval()
+    block = copy.deepcopy(plain)
+    dermfast.patch_timm(block)
+    rope = torch.randn(GRID, 2 * DH, dtype=torch.float64)
+    ids_keep = [torch.randperm(GRID)[:n] for n in KEEP]
+    xs = [torch.randn(npt + n, 64, dtype=torch.float64) for n in KEEP]
+    want = torch.cat([plain(x[None], rope=rope[ids])[0] for x, ids in zip(xs, ids_keep)])
+    layout = RaggedLayout.packed([npt + n for n in KEEP], "cpu")
+    layout.positions = torch.cat([torch.cat([torch.full((npt,), -1), ids]) for ids in ids_keep])
+    got = block(torch.cat(xs)[None], rope=rope, attn_mask=layout)[0]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert layout.uses == 1
+    with pytest.raises(ValueError, match="need RaggedLayout.positions"):
+        block(torch.cat(xs)[None], rope=rope, attn_mask=RaggedLayout.packed([npt + n for n in KEEP], "cpu"))
+    with pytest.raises(ValueError, match="takes packed tokens"):
+        block(torch.zeros(3, 13, 64, dtype=torch.float64), rope=rope,
+              attn_mask=RaggedLayout.padded([13, 2, 6], "cpu"))

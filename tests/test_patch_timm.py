@@ -250,7 +250,7 @@ def test_rope_attention_modules_options():
         torch.testing.assert_close(gx, wx, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(masked(x), plain(x), atol=1e-12, rtol=1e-12)  # no rope
         from dermfast.models.attention import RaggedLayout
-        with pytest.raises(ValueError, match="ragged"):
+        with pytest.raises(ValueError, match="padded layout"):
             masked(x, attn_mask=RaggedLayout(lengths=torch.tensor([9, 3])))
 
 

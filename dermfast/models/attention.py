@@ -55,6 +55,9 @@ class RaggedLayout:
     max_seqlen: the longest segment (packed; spares the torch backend a device read).
     host: the values of cu_seqlens (or lengths) as a tuple of host ints: validation reads these instead of the
         device tensor, so a step makes no host sync (`masked_attention(host_index=...)`).
+    positions: int [T] (packed only, optional): each token's index in the model's patch grid, -1 for prefix
+        tokens (class / register tokens). Rotary attention (EVA-02, RoPE ViTs after `patch_timm`) needs it: each
+        token is rotated by its own position (e.g. MAE's visible patches), never by its place in the packed row.
     uses: how many attention calls consumed this layout (`block_forward` checks it moved).
 
     Build it from host counts with `RaggedLayout.packed(seqlens, device)` / `RaggedLayout.padded(lengths, device)`.
@@ -64,6 +67,7 @@ class RaggedLayout:
     max_seqlen: Optional[int] = None
     lengths: Optional[torch.Tensor] = None
     host: Optional[tuple[int, ...]] = None
+    positions: Optional[torch.Tensor] = None
     uses: int = field(default=0, repr=False)
 
     def __post_init__(self):
@@ -151,8 +155,9 @@ class _RopeMasked:
     rotary embedding (timm's `apply_rot_embed_cat`, on the tokens after the `num_prefix_tokens` prefix, cast back
     with `.type_as(v)` exactly as timm's forward does), grouped k / v heads expanded by `repeat_interleave` as
     timm does, then `masked_attention` (dense) instead of SDPA. attn_mask, is_causal and attention dropout while
-    training go to timm's forward unchanged. Ragged (packed / padded) tokens are refused: with rope each token
-    needs its own position, which a RaggedLayout does not carry yet."""
+    training go to timm's forward unchanged. Packed tokens (a RaggedLayout with cu_seqlens) need the layout's
+    `positions`: each token is rotated by its own grid position (dermfast.models.patch_rope); padded layouts are
+    refused (pack them)."""
 
     backend: Optional[str] = None
 
@@ -162,8 +167,17 @@ class _RopeMasked:
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         if isinstance(attn_mask, RaggedLayout):
-            raise ValueError(f"{type(self).__name__}: ragged (packed / padded) tokens are not supported with "
-                             f"rotary attention yet")
+            if attn_mask.cu_seqlens is None:
+                raise ValueError(f"{type(self).__name__}: rotary attention takes packed tokens (RaggedLayout with "
+                                 "cu_seqlens and positions), not a padded layout")
+            if rope is not None and attn_mask.positions is None:
+                raise ValueError(f"{type(self).__name__}: packed tokens with rope need RaggedLayout.positions (each "
+                                 "token's grid index, -1 for prefix tokens)")
+            from dermfast.models.patch_rope import rope_attention_packed
+            attn_mask.uses += 1
+            out = rope_attention_packed(self, x, rope, attn_mask.positions, attn_mask.cu_seqlens,
+                                        attn_mask.max_seqlen, attn_mask.host, self.backend)
+            return out.reshape(x.shape)
         if attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
