@@ -22,6 +22,8 @@ A cross-validation folder (`python -m dermfast.train --folds K`, OUT/cv.json): w
 baselines) with `threshold` (the decision rule p_positive >= t chosen on the out-of-fold predictions: its
 balanced accuracy, sensitivity and specificity); without --data, its cross-validation results (cv_metrics.json),
 printed. A single run whose checkpoint records a validation threshold gets the same `threshold` block.
+A `--stage segment` checkpoint: Dice, Jaccard (per image, then the mean) and HD95 (pixels of the original image),
+the Otsu baseline on the same images, OUT/per_image.csv and overlays in report.html (`dermfast.eval.segment_eval`).
 Bad input (a checkpoint of another stage, mismatched classes, an empty or single-class evaluation set) is one
 line on stderr and exit code 2.
 """
@@ -38,10 +40,7 @@ import torch
 
 from dermfast.cliparse import OneLineParser
 from dermfast.data.records import DatasetError, ImageRecords
-
-
-class EvalError(ValueError):
-    """Evaluation cannot proceed on this input (one line, exit 2)."""
+from dermfast.eval.eval_set import EvalError, _run_dir_of, data_records, own_split  # noqa: F401 (re-exported)
 
 
 TTA_FLIPS = ((), (3,), (2,), (2, 3))
@@ -96,53 +95,6 @@ def validation_metrics(model, loader, device: torch.device, classes: list[str], 
 def eval_augment(meta: dict):
     from dermfast.data.augment import Augment
     return Augment(size=int(meta["img_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]))
-
-
-def _run_dir_of(checkpoint: Path) -> Path | None:
-    """The run directory holding a checkpoint: the nearest folder up to three levels above with config.yaml."""
-    for d in [checkpoint.parent, *list(checkpoint.parents)[1:3]]:
-        if (d / "config.yaml").is_file():
-            return d
-    return None
-
-
-def own_split(checkpoint: Path, split: str = "test", progress: bool = False) -> tuple[ImageRecords, str]:
-    """The run's own split: its config.yaml's dataset (None = the embedded one), filtered by its splits.csv."""
-    import yaml
-
-    from dermfast.data.pipeline import open_records
-    from dermfast.data.splits import load_splits
-    from dermfast.data.toy import default_cache_dir
-    from dermfast.data.validate import validate_records
-    run = _run_dir_of(checkpoint)
-    if run is None or not (run / "splits.csv").is_file():
-        raise EvalError(f"{checkpoint}: no run directory with config.yaml and splits.csv around it; "
-                        "name the evaluation data with --data")
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    data = cfg.get("data")
-    records = open_records(data, toy_images=int(cfg.get("toy_images", 1200)),
-                           toy_image_size=int(cfg.get("toy_image_size", 128)), progress=progress)
-    records, _ = validate_records(records, cache_dir=default_cache_dir() / "validate", progress=progress)
-    # not strict: training rows of synthetic images are not in the real dataset; the split asked for must be whole
-    splits = load_splits(run / "splits.csv", records, strict=False)
-    with open(run / "splits.csv", newline="", encoding="utf-8-sig") as f:
-        listed = sum(1 for r in csv.DictReader(f) if (r.get("split") or "").strip() == split)
-    if len(splits[split]) != listed:
-        raise EvalError(f"{run / 'splits.csv'} lists {listed} {split} images but only {len(splits[split])} of them "
-                        f"are in the dataset {data if data is not None else '(embedded)'} as it is now")
-    desc = f"{data if data is not None else 'embedded toy dataset'} ({split} split of {run / 'splits.csv'})"
-    return records.subset(splits[split]), desc
-
-
-def data_records(path: str, progress: bool = False) -> tuple[ImageRecords, str]:
-    from dermfast.data.adapters import open_any
-    from dermfast.data.toy import default_cache_dir
-    from dermfast.data.validate import validate_records
-    records = open_any(path)
-    records, report = validate_records(records, cache_dir=default_cache_dir() / "validate", progress=progress)
-    if report.n_skipped:
-        print(f"evaluate: {report.summary()}", file=sys.stderr)
-    return records, str(path)
 
 
 def match_classes(records: ImageRecords, model_classes: list[str]) -> np.ndarray:
@@ -395,6 +347,10 @@ def evaluate(args) -> dict:
         raise EvalError(f"bad --device {args.device!r}: {e}") from None
     if getattr(args, "probe", None):
         return evaluate_probe(args, device)
+    from dermfast.models.segmenter import is_segmentation_checkpoint
+    if len(args.checkpoint) == 1 and is_segmentation_checkpoint(args.checkpoint[0]):
+        from dermfast.eval.segment_eval import evaluate_segmentation  # Dice / Jaccard / HD95 + the Otsu baseline
+        return evaluate_segmentation(args)
     cv = None
     if len(args.checkpoint) == 1:
         from dermfast.eval.cv_results import fold_dir, is_cv_dir, read_cv
@@ -501,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e} (pip install 'dermfast[eval]')", file=sys.stderr)
         return 2
+    if m.get("task") == "segmentation":
+        from dermfast.eval.segment_eval import summary_line
+        print(summary_line(m))
+        return 0
     if m.get("cv"):
         from dermfast.eval.cv_results import print_summary
         print_summary(m, Path(m["out"]))
