@@ -3,7 +3,7 @@
 Covered on the CPU: eval order and values, the sampler's order per epoch, one pipeline build over many epochs,
 identical batches from fresh loaders with one seed, exact mid-epoch resume (skipped batches never read), epoch
 boundaries / jumps / early exits without a rebuild, the parallel source started with spawn in a process where
-torch runs, and the GPU graph's definition. On a GPU: nvJPEG against the CPU pipeline, resume and bf16 there,
+torch runs, and the GPU graph's definition. On a GPU: nvJPEG decodes (values: tests/test_dali_gpu_parity.py, on PNG), resume and bf16 there,
 the parallel source after CUDA is initialised, and `cuda` without an index.
 Small generated JPEGs (smooth random content, sizes 48..120 px) and 32 px outputs keep the module fast.
 """
@@ -89,8 +89,8 @@ def _pil_eval_reference(path, aug):
     short = round(aug.size / aug.crop_fraction)
     nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     im = im.resize((nw, nh), Image.BICUBIC)
-    # DALI rounds the centre-crop offset half up; torchvision's round() is half-to-even (1 px apart at .5)
-    top, left = int(np.floor((nh - aug.size) / 2 + 0.5)), int(np.floor((nw - aug.size) / 2 + 0.5))
+    # torchvision's CenterCrop: int(round(...)), half to even (DALI's own crop_pos 0.5 rounds half up: not used)
+    top, left = int(round((nh - aug.size) / 2.0)), int(round((nw - aug.size) / 2.0))
     a = np.asarray(im, np.float32)[top:top + aug.size, left:left + aug.size] / 255.0
     a = (a - np.array(aug.mean, np.float32)) / np.array(aug.std, np.float32)
     return a.transpose(2, 0, 1)
@@ -262,8 +262,6 @@ def test_gpu_pipeline(records):
     batches = _epoch(ev)
     assert batches[0]["image"].device == torch.device("cuda", 0)
     assert _cat(batches, "label").cpu().tolist() == records.labels.tolist()
-    cpu = _cat(_epoch(_cpu(records, EVAL_AUG, 8, train=False)), "image")
-    assert (_cat(batches, "image").cpu() - cpu).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo chroma upsampling
     tr = DaliLoader(records, TRAIN_AUG, 6, train=True, device="gpu", device_id=0, num_threads=2,
                     output_dtype=torch.bfloat16)
     img = _cat(_epoch(tr), "image")
@@ -271,9 +269,8 @@ def test_gpu_pipeline(records):
 
 
 @pytest.mark.gpu
-def test_gpu_train_matches_the_cpu_pipeline_and_resumes_exactly(records):
-    # Same seed: the same windows, flips and jitter factors on both pipelines (host-drawn); the GPU graph's
-    # contrast runs as DALI arithmetic on the GPU (no .cpu()), so this also checks that graph against the CPU one.
+def test_gpu_train_resumes_exactly(records):
+    # values against the CPU graph: tests/test_dali_gpu_parity.py (PNG inputs, per-sample tolerances)
     def gpu(**kw):
         return DaliLoader(records, TRAIN_AUG, 6, train=True, device="gpu", device_id=0, num_threads=2,
                           sampler=_balanced(records), seed=5, **kw)
@@ -281,9 +278,6 @@ def test_gpu_train_matches_the_cpu_pipeline_and_resumes_exactly(records):
     loader = gpu()
     epochs = [_cat(_epoch(loader), "image") for _ in range(3)]
     assert loader.builds == 1
-    cpu = _cpu(records, TRAIN_AUG, 6, train=True, sampler=_balanced(records), seed=5)
-    for e in range(3):
-        assert (epochs[e].cpu() - _cat(_epoch(cpu), "image")).abs().mean() < 0.15, e
     again = gpu()
     assert torch.equal(_cat(_epoch(again), "image"), epochs[0])  # a fresh loader: bit-identical batches
     part = gpu()

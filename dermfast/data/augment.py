@@ -101,6 +101,25 @@ def _uniform(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + (hi - lo) * u
 
 
+def eval_geometry(aug: Augment, width, height) -> dict:
+    """The eval resize + centre crop of images of `width` x `height` (int arrays or ints) exactly as torchvision
+    computes it (`T.Resize(round(size / crop_fraction))` then `T.CenterCrop(size)`, what the torch loader, timm's
+    eval transform and dermfast.predict apply): the shorter side becomes `short`, the longer
+    int(short * long / shorter) (truncated: torchvision `_compute_resized_output_size`), and the crop starts at
+    int(round((resized - size) / 2)) (Python's round: half to even). DALI rounds both otherwise by default
+    (the long side to nearest, the offset half up), 1 px apart on many sizes, so its eval graph takes these.
+    Returns int64 arrays `new_w`, `new_h`, `left`, `top`."""
+    w = np.asarray(width, dtype=np.int64)
+    h = np.asarray(height, dtype=np.int64)
+    short = int(round(aug.size / aug.crop_fraction))
+    wide = w > h  # torchvision: (short, long) = (w, h) if w <= h else (h, w)
+    lo, hi = np.where(wide, h, w), np.where(wide, w, h)
+    new_long = (short * hi) // lo  # int(short * long / short_side): exact for these magnitudes
+    new_w, new_h = np.where(wide, new_long, short), np.where(wide, short, new_long)
+    half_even = np.vectorize(lambda v: int(round(v / 2.0)), otypes=[np.int64])
+    return {"new_w": new_w, "new_h": new_h, "left": half_even(new_w - aug.size), "top": half_even(new_h - aug.size)}
+
+
 def sample_train_params(aug: Augment, seed: int, rank: int, epoch: int, positions, width, height) -> dict:
     """The training augmentation of n samples of sizes (width[n], height[n]) at `positions` of the epoch.
 

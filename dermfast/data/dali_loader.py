@@ -37,8 +37,9 @@ Design
     windows mean the same in both.
   * Train graph: image_slice -> ``fn.resize`` to S x S (antialiased) -> colour jitter -> crop_mirror_normalize
     (mean / std in 0..255 units, CHW, output dtype written directly: float32 or float16).
-    Eval graph: ``fn.decoders.image`` -> ``fn.resize(resize_shorter=round(S / aug.crop_fraction))`` -> centre crop
-    S in crop_mirror_normalize.
+    Eval graph: ``fn.decoders.image`` -> ``fn.resize(size=...)`` -> crop S at a per-sample position in
+    crop_mirror_normalize, both from the host (`augment.eval_geometry`: torchvision's resize + CenterCrop
+    rounding, so DALI and the torch loader crop the same pixels).
   * Colour jitter, torchvision ColorJitter semantics in a fixed order (brightness, contrast, saturation, hue):
     brightness b and contrast c as one fused DALI arithmetic expression ``b * (g + c * (img - g))`` cast back
     to uint8 (rounded, saturated), where g is the image's mean grey level (0.299 R + 0.587 G + 0.114 B, from
@@ -92,7 +93,8 @@ import numpy as np
 import torch
 
 from dermfast._optional import DALI_REASON, HAS_DALI
-from dermfast.data.augment import Augment, as_transpose_flips, image_size, sample_train_params
+from dermfast.data.augment import (Augment, as_transpose_flips, eval_geometry, image_size,
+                                   sample_train_params)
 from dermfast.data.loader_base import EpochPlan, cores_per_rank
 from dermfast.data.records import ImageRecords
 
@@ -234,9 +236,7 @@ class _BatchSource:
         data = [rec.read_bytes(int(i)) for i in idx]
         where = np.stack([np.full(len(positions), epoch), positions], 1).astype(np.int64)
         out = [[np.frombuffer(d, dtype=np.uint8) for d in data], rec.labels[idx], rec.source[idx], where]
-        sizes = None
-        if self.train or rec.has_masks:
-            sizes = np.array([_size_of(d, rec.paths[i]) for d, i in zip(data, idx)], np.int64).reshape(-1, 2)
+        sizes = np.array([_size_of(d, rec.paths[i]) for d, i in zip(data, idx)], np.int64).reshape(-1, 2)
         if rec.has_masks:  # encoded mask, or an all-zero PNG of the image's size where the image has none
             masks = [rec.read_mask_bytes(int(i)) for i in idx]
             out += [[np.frombuffer(m if m is not None else _blank_png(int(w), int(h)), dtype=np.uint8)
@@ -249,7 +249,19 @@ class _BatchSource:
                 p["o_t"], p["o_h"], p["o_v"] = as_transpose_flips(p["flip"], p["vflip"], p["rot90"])
             out += [np.stack([p["x"], p["y"]], 1), np.stack([p["w"], p["h"]], 1)]
             out += [p[name] for name in _used_params(self.aug)]
+        else:  # torchvision's resize + centre crop (augment.eval_geometry), per sample
+            g = eval_geometry(self.aug, sizes[:, 0], sizes[:, 1])
+            s = int(self.aug.size)
+            out += [np.stack([g["new_h"], g["new_w"]], 1).astype(np.float32),
+                    _crop_pos(g["left"], g["new_w"] - s), _crop_pos(g["top"], g["new_h"] - s)]
         return out
+
+
+def _crop_pos(offset: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """crop_mirror_normalize's normalised window position for an integer offset: DALI's anchor is
+    round(pos * room), so offset / room lands on the offset exactly (0.5 where there is no room)."""
+    room_f = np.maximum(room, 1).astype(np.float64)
+    return np.where(room > 0, offset / room_f, 0.5).astype(np.float32)
 
 
 def _orients(aug: Augment) -> bool:
@@ -443,6 +455,9 @@ class DaliLoader:
                 dtypes += [types.INT32, types.INT32] + [types.INT32 if u in _INT_PARAMS else types.FLOAT
                                                         for u in used]
                 ndims += [1, 1] + [0] * len(used)
+            else:  # resized [h, w], crop_pos_x, crop_pos_y per sample
+                dtypes += [types.FLOAT, types.FLOAT, types.FLOAT]
+                ndims += [1, 0, 0]
             outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
                                            dtype=dtypes, ndim=ndims, **extra))
             encoded, label, src, where = outs[:4]
@@ -473,13 +488,13 @@ class DaliLoader:
                         mask = fn.flip(mask, horizontal=mirror, vertical=0)
                 crop = {}
             else:
+                resized, pos_x, pos_y = rest[:3]
                 img = fn.decoders.image(encoded, **decoder)
-                img = fn.resize(img, resize_shorter=round(s / aug.crop_fraction), interp_type=interp,
-                                antialias=True)
-                mirror, crop = 0, {"crop": [s, s], "crop_pos_x": 0.5, "crop_pos_y": 0.5}
+                img = fn.resize(img, size=resized, interp_type=interp, antialias=True)
+                mirror, crop = 0, {"crop": [s, s], "crop_pos_x": pos_x, "crop_pos_y": pos_y}
                 if masks:
                     mask = fn.decoders.image(mask_enc, **mask_decoder)
-                    mask = fn.resize(mask, resize_shorter=round(s / aug.crop_fraction), **nearest)
+                    mask = fn.resize(mask, size=resized, **nearest)
                     mask = fn.crop(mask, **crop)
                     mask = mask.gpu() if gpu else mask
             image = fn.crop_mirror_normalize(img, mirror=mirror, mean=[255.0 * m for m in aug.mean],

@@ -98,6 +98,11 @@ def train(stage_cls: type[Stage], cfg, argv: list[str] | None = None) -> Path:
         except RunLocked as e:
             raise ConfigError(str(e)) from None
     try:
+        if not stage.trains(cfg):
+            if world.world_size > 1:
+                raise ConfigError(f"this {stage.name} run trains nothing: run it as one process, not under torchrun")
+            check_out(run_dir, stage.name, False, cfg.overwrite)
+            raise NothingToDo(stage.run_without_training(cfg, run_dir))
         _train_locked(stage, cfg, argv, world, device, run_dir, created, lock)
     except BaseException:
         if created and world.is_main and run_dir.is_dir() and not (run_dir / "run.json").exists():

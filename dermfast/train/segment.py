@@ -129,9 +129,13 @@ class SegmentStage(Stage):
         if cfg.model == "otsu":
             if world.world_size > 1:
                 raise ConfigError("--model otsu trains nothing: run it as one process, not under torchrun")
-            from dermfast.train.preflight import NothingToDo
-            raise NothingToDo(run_otsu(cfg))  # see run_otsu: the engine has no 'no training' path yet
         return super().resolve(cfg, world)
+
+    def trains(self, cfg: SegmentConfig) -> bool:
+        return cfg.model != "otsu"
+
+    def run_without_training(self, cfg: SegmentConfig, run_dir: Path) -> str:
+        return run_otsu(cfg, run_dir)
 
     def default_blr(self, cfg: SegmentConfig) -> float:
         return 1.6e-2  # lr 1e-3 at batch 16: Adam's usual rate for a U-Net from scratch
@@ -215,11 +219,11 @@ class SegmentStage(Stage):
         return [path]
 
 
-def run_otsu(cfg: SegmentConfig) -> str:
+def run_otsu(cfg: SegmentConfig, run_dir: Path) -> str:
     """--model otsu: prepare the data (splits.csv, data_report.csv), write config.yaml, a weightless
     checkpoint.safetensors whose metadata says `otsu` (what evaluate reads), run.json (finished) and
-    val_metrics.json. Returns the line the CLI prints. The engine's folder checks (another run there, --overwrite)
-    apply as for any run."""
+    val_metrics.json. Returns the line the CLI prints. The engine has taken the folder's lock and made its checks
+    (another run there, --overwrite) as for any run."""
     from datetime import datetime, timezone
 
     from dermfast.data.pipeline import prepare_data
@@ -227,10 +231,6 @@ def run_otsu(cfg: SegmentConfig) -> str:
     from dermfast.models.segmenter import segmenter_metadata
     from dermfast.train import checkpoint as ckpt
     from dermfast.train.config import config_dict, save_config
-    from dermfast.train.preflight import check_out
-    run_dir = Path(cfg.out).expanduser()
-    cfg.validate()
-    check_out(run_dir, "segment", False, cfg.overwrite)
     data = prepare_data(cfg.data, run_dir, synthetic=None, seed=cfg.seed, require_labels=False,
                         toy_images=cfg.toy_images, toy_image_size=cfg.toy_image_size, progress=cfg.progress)
     desc = cfg.data or "the embedded dataset"

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from torch import nn
 
@@ -104,6 +106,16 @@ class Stage:
 
     def after_step(self, run: "Run") -> None:
         """After each optimiser step that was applied (not after skipped ones): EMA, periodic images."""
+
+    def trains(self, cfg) -> bool:
+        """False for a config that trains nothing (segment's Otsu baseline): the engine takes the run folder's lock,
+        makes its folder checks, then calls `run_without_training` instead of the training loop."""
+        return True
+
+    def run_without_training(self, cfg, run_dir: Path) -> str:
+        """Write the run's files for a config `trains` declines (run.json finished among them); returns the line
+        the CLI prints (exit 0)."""
+        raise NotImplementedError
 
     def uses_after_step(self, cfg) -> bool:
         """Whether `after_step` runs for this config. Knowing whether a step was applied costs the engine one
