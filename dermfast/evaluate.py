@@ -6,7 +6,8 @@ Evaluates a fine-tuned or distilled classifier (a run directory or a checkpoint 
 (the run's splits.csv over the dataset its config.yaml names), or on any dataset `--data` names (any adapter
 format, every image). Classes are matched by name: the dataset may hold a subset of the model's classes, never
 a class the model does not know. Several checkpoints form an ensemble (mean of probabilities), reported beside
-each member. `--tta` averages the probabilities over the four flips (none, horizontal, vertical, both).
+each member. `--tta` averages the probabilities over the four flips (none, horizontal, vertical, both), `--tta d4`
+over the 8 dihedral views; without it, the mode the checkpoint records (finetune `--tta`), else none.
 
 Writes OUT/metrics.json (accuracy, balanced_accuracy, macro_f1, auroc, pauc_80tpr, ece, per_class,
 confusion_matrix, n, positive_class, checkpoint, data, and more), OUT/predictions.csv and OUT/report.html.
@@ -43,28 +44,21 @@ from dermfast.data.records import DatasetError, ImageRecords
 from dermfast.eval.eval_set import EvalError, _run_dir_of, data_records, own_split  # noqa: F401 (re-exported)
 
 
-TTA_FLIPS = ((), (3,), (2,), (2, 3))
 
 
 @torch.no_grad()
-def predict(model, loader, device: torch.device, tta: bool = False, autocast=None) -> tuple[np.ndarray, np.ndarray]:
-    """(probs [N, C] float64, labels [N] as the loader gives them) over one pass of an evaluation loader."""
-    import contextlib
+def tta_mode(tta) -> str:
+    """A test-time augmentation request -> a mode of dermfast.eval.tta: True = "flips" (the four flips, what
+    `--tta` alone means), False / None = "none", or a mode name ("none", "flips", "d4")."""
+    return {True: "flips", False: "none", None: "none"}.get(tta, tta)
+
+
+def predict(model, loader, device: torch.device, tta=False, autocast=None) -> tuple[np.ndarray, np.ndarray]:
+    """(probs [N, C] float64, labels [N] as the loader gives them) over one pass of an evaluation loader; `tta`:
+    see `tta_mode` (the mean of the probabilities over the views, dermfast.eval.tta)."""
+    from dermfast.eval.tta import predict_tta
     model.eval()
-    probs, labels = [], []
-    for batch in loader:
-        x = batch["image"].to(device)
-        acc = None
-        for dims in (TTA_FLIPS if tta else ((),)):
-            with (autocast or contextlib.nullcontext()):
-                logits = model(x.flip(dims) if dims else x)
-            p = logits.float().softmax(-1)
-            acc = p if acc is None else acc + p
-        probs.append((acc / (len(TTA_FLIPS) if tta else 1)).double().cpu())
-        labels.append(batch["label"].cpu())
-    if not probs:
-        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy().astype(np.int64)
+    return predict_tta(model, loader, device, tta_mode(tta), autocast)
 
 
 def require_sklearn(stage: str) -> None:
@@ -364,11 +358,13 @@ def evaluate(args) -> dict:
     first = Path(members[0][1]["checkpoint_path"])
     records, data_desc, y, present, positive = _evaluation_set(args, first, classes, "a model class")
 
-    member_probs = []
+    member_probs, modes = [], []
     for model, meta in members:
         loader = build_loader(records, eval_augment(meta), args.batch_size, train=False, loader=args.loader,
                               device=device, workers=args.workers)
-        probs, _ = predict(model, loader, device, tta=args.tta)
+        mode = args.tta or meta.get("tta") or "none"  # given, else the mode the model was trained for
+        modes.append(mode)
+        probs, _ = predict(model, loader, device, tta=mode)
         member_probs.append(probs)
     probs = np.mean(member_probs, axis=0)
     metrics = M.compute_all(y, probs, classes, positive)
@@ -377,7 +373,7 @@ def evaluate(args) -> dict:
         metrics["ci"] = M.bootstrap_ci(y, probs, classes, positive, n_boot=n_boot, seed=0)
     metrics["small_test_set"] = M.small_test_warning(y, classes, positive)
     ckpts = [m["checkpoint_path"] for _, m in members]
-    metrics.update(checkpoint=ckpts[0] if len(ckpts) == 1 else ckpts, data=data_desc, tta=bool(args.tta),
+    metrics.update(checkpoint=ckpts[0] if len(ckpts) == 1 else ckpts, data=data_desc, tta=modes[0] if len(set(modes)) == 1 else modes,
                    classes=classes, present_classes=[classes[k] for k in present])
     member_metrics = []
     if len(members) > 1:
@@ -411,8 +407,9 @@ def evaluate(args) -> dict:
     notes.insert(0, f"{len(y)} images; classes present: {', '.join(metrics['present_classes'])}")
     if "ci" in metrics:
         notes.append(f"[low, high]: {metrics['ci']['level']:.0%} interval, {metrics['ci']['method']}")
-    if args.tta:
-        notes.append("test-time augmentation: mean over 4 flips")
+    from dermfast.eval.tta import tta_views
+    for mode in sorted(set(modes) - {"none"}):
+        notes.append(f"test-time augmentation: mean over {len(tta_views(mode))} views ({mode})")
     if not args.no_report:
         _report(out, metrics, member_metrics, classes, y, probs, records, members, args, device, notes)
     metrics["out"] = str(out)
@@ -429,7 +426,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: RUN/eval)")
     p.add_argument("--positive", help="the malignant class for pAUC and sensitivity (default: melanoma / mel / "
                                       "malignant when present)")
-    p.add_argument("--tta", action="store_true", help="average over horizontal / vertical flips")
+    p.add_argument("--tta", nargs="?", const="flips", default=None, choices=("none", "flips", "d4"),
+                   help="test-time views: flips (4, what --tta alone means) or d4 (8); default: the mode the "
+                        "checkpoint records (finetune --tta), else none")
     p.add_argument("--batch-size", type=int, default=64, dest="batch_size")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--loader", default="torch", help="data loader backend (default torch)")

@@ -112,9 +112,12 @@ class Predictor:
     "checkpoint", "cv-ensemble" (a cross-validation's fold models) or "onnx"; meta: the checkpoint's metadata, or the export's sidecar."""
 
     def __init__(self, model: nn.Module, classes: list[str], aug, device: torch.device, source: str, kind: str,
-                 meta: dict, tta: bool = False, batch_size: int = 64):
+                 meta: dict, tta=None, batch_size: int = 64):
         from dermfast.data.torch_loader import eval_transform
+        from dermfast.evaluate import tta_mode
         self.model, self.classes, self.aug, self.device = model.eval(), list(classes), aug, device
+        # test-time views (dermfast.eval.tta): as asked (True = the four flips), else the mode the model records
+        tta = tta_mode(tta) if tta is not None else (meta.get("tta") or "none")
         self.source, self.kind, self.meta, self.tta, self.batch_size = source, kind, meta, tta, int(batch_size)
         self._transform = eval_transform(aug)
 
@@ -141,7 +144,7 @@ class Predictor:
         return self._transform(image.convert("RGB"))
 
     # -- running the model ---------------------------------------------------------------------------------------
-    def _run(self, loader, tta: bool, progress: bool = False, total: int | None = None) -> np.ndarray:
+    def _run(self, loader, tta, progress: bool = False, total: int | None = None) -> np.ndarray:
         from dermfast.evaluate import predict
         if progress:
             from tqdm import tqdm
@@ -159,7 +162,7 @@ class Predictor:
         return build_loader(records, self.aug, self.batch_size, train=False, loader="torch", device=self.device,
                             workers=0)
 
-    def predict_tensor(self, x: torch.Tensor, tta: bool | None = None) -> np.ndarray:
+    def predict_tensor(self, x: torch.Tensor, tta: bool | str | None = None) -> np.ndarray:
         """x: [N, 3, S, S] (or [3, S, S]) float, already preprocessed -> probs [N, C] float64."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise PredictError(f"a tensor input must be a float tensor, got {getattr(x, 'dtype', type(x))}")
@@ -172,7 +175,7 @@ class Predictor:
             return np.zeros((0, len(self.classes)))
         return self._run(self._tensor_batches(x), self.tta if tta is None else tta)
 
-    def predict_records(self, records: ImageRecords, tta: bool | None = None, progress: bool = False,
+    def predict_records(self, records: ImageRecords, tta: bool | str | None = None, progress: bool = False,
                         skip_bad: bool = True) -> Predictions:
         """Every image of `records` through evaluate's data check and loader. Images the check rejects are
         left out and listed in `skipped` (skip_bad), or raise PredictError naming them."""
@@ -191,12 +194,12 @@ class Predictor:
         probs = self._run(loader, self.tta if tta is None else tta, progress, total=len(loader))
         return Predictions(probs, self.classes, names, skipped, usable, self.threshold)
 
-    def predict_data(self, path, tta: bool | None = None, progress: bool = False) -> Predictions:
+    def predict_data(self, path, tta: bool | str | None = None, progress: bool = False) -> Predictions:
         """The CLI's --data: one image file, a folder of images, or any dataset evaluate reads; corrupt images
         are skipped and listed in `skipped`."""
         return self.predict_records(read_inputs(path), tta, progress)
 
-    def __call__(self, inputs, tta: bool | None = None) -> Predictions:
+    def __call__(self, inputs, tta: bool | str | None = None) -> Predictions:
         """inputs: a file path, a PIL image, a list of those (mixed is fine), or a tensor [N, 3, S, S] already
         preprocessed (`preprocess` gives one image). Returns `Predictions` in input order; a path that is not a
         usable image raises PredictError (one line)."""
@@ -300,10 +303,12 @@ def read_inputs(path) -> ImageRecords:
 
 # -- loading -----------------------------------------------------------------------------------------------------
 
-def load_predictor(path, device: str | torch.device = "auto", tta: bool = False,
+def load_predictor(path, device: str | torch.device = "auto", tta=None,
                    batch_size: int = 64) -> Predictor:
     """A run directory or checkpoint file (fine-tune / distill), or an ONNX export (FILE.onnx with its sidecar
-    FILE.json), as a `Predictor`. Raises CheckpointError / PredictError (one line) for anything else."""
+    FILE.json), as a `Predictor`. `tta`: None = the test-time views the checkpoint records (none if it records
+    none), True = the four flips, or a mode ("none", "flips", "d4"). Raises CheckpointError / PredictError (one
+    line) for anything else."""
     from dermfast.device import resolve_device
     p = Path(path).expanduser()
     if p.suffix.lower() == ".onnx":
@@ -335,7 +340,7 @@ class EnsembleClassifier(nn.Module):
         return p.clamp_min(1e-30).log()
 
 
-def _load_cv(folder: Path, device: torch.device, tta: bool, batch_size: int) -> Predictor:
+def _load_cv(folder: Path, device: torch.device, tta, batch_size: int) -> Predictor:
     """A finished cross-validation folder: its K fold models as one ensemble, with its out-of-fold threshold."""
     from dermfast.evaluate import eval_augment
     from dermfast.models.classifier import load_classifier
@@ -356,7 +361,7 @@ def _load_cv(folder: Path, device: torch.device, tta: bool, batch_size: int) -> 
                      str(folder), "cv-ensemble", meta, tta, batch_size)
 
 
-def _load_onnx(path: Path, tta: bool, batch_size: int) -> Predictor:
+def _load_onnx(path: Path, tta, batch_size: int) -> Predictor:
     from dermfast.export import ExportError, augment_from_spec
     if not path.is_file():
         raise PredictError(f"ONNX file {str(path)!r} does not exist")
@@ -412,7 +417,9 @@ def _parser() -> argparse.ArgumentParser:
                                                         "or an ONNX export (FILE.onnx beside its FILE.json)")
     p.add_argument("--data", required=True, help="an image file, a folder of images, or a dataset")
     p.add_argument("--out", default="predictions.csv", help="the CSV to write (default ./predictions.csv)")
-    p.add_argument("--tta", action="store_true", help="average over horizontal / vertical flips")
+    p.add_argument("--tta", nargs="?", const="flips", default=None, choices=("none", "flips", "d4"),
+                   help="test-time views: flips (4, what --tta alone means) or d4 (8); default: the mode the "
+                        "checkpoint records, else none")
     p.add_argument("--gradcam", metavar="DIR", help="write each image beside its Grad-CAM overlay into DIR")
     p.add_argument("--batch-size", type=int, default=64, dest="batch_size")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N (ONNX: CPU)")
@@ -440,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_names(out.skipped, 5)}", file=sys.stderr)
     counts = np.bincount(out.index, minlength=len(out.classes))
     print(f"predict: {len(out)} images, {r['predictor'].kind} {r['predictor'].source}"
-          f"{', tta over 4 flips' if r['predictor'].tta else ''}"
+          f"{', tta ' + r['predictor'].tta if r['predictor'].tta != 'none' else ''}"
           + (f", threshold p_{out.classes[out.threshold[0]]} >= {out.threshold[1]:.4f}" if out.threshold else "")
           + f"; classes {', '.join(out.classes)}; predicted "
           + ", ".join(f"{c} {n}" for c, n in zip(out.classes, counts) if n) + f" -> {r['out']}"

@@ -21,7 +21,7 @@ TINY = ["--img-size", "32", "--max-steps", "1", "--epochs", "1", "--batch-size",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, cache):
-    return make_folder(tmp_path_factory.mktemp("cvdata"), {"melanoma": 9, "nevus": 12})
+    return make_folder(tmp_path_factory.mktemp("cvdata"), {"melanoma": 11, "nevus": 13})
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_folds_every_file_and_oof_once(cv_run, data):
         tests.append({str(data / im) for im in split["test"]})
         assert {r["image"] for r in rows if r["fold"] == str(k)} == tests[-1]  # OOF fold = the fold's test split
     m = json.loads((cv_run / "cv_metrics.json").read_text())
-    assert m["folds"] == 3 and len(m["per_fold"]) == 3 and m["n_images"] == 21
+    assert m["folds"] == 3 and len(m["per_fold"]) == 3 and m["n_images"] == 24
     assert m["threshold"]["source"] == "oof" and 0.0 <= m["threshold"]["value"] <= 1.0
     # mean / sd over folds and the paired differences, recomputed here from the per-fold numbers
     for key in ("balanced_accuracy", "auroc"):
@@ -102,7 +102,11 @@ def test_resume_of_a_half_done_cv(tmp_path, data, capsys):
     oof = (out / "oof_predictions.csv").read_text()
     kept = (out / "fold-1" / "checkpoint.safetensors").stat().st_mtime_ns
     shutil.rmtree(out / "fold-3")  # killed before fold 3 started
-    (out / "fold-2" / "checkpoint.safetensors").unlink()  # killed in fold 2 after its step checkpoint
+    # killed in fold 2 after its last step checkpoint, before the end's files: the engine writes
+    # checkpoint.safetensors before it marks that checkpoint finished
+    (out / "fold-2" / "checkpoint.safetensors").unlink()
+    for st in (out / "fold-2" / "checkpoints").glob("step_*/state.json"):
+        st.write_text(json.dumps({**json.loads(st.read_text()), "finished": False}))
     r2 = json.loads((out / "fold-2" / "run.json").read_text())
     (out / "fold-2" / "run.json").write_text(json.dumps({**r2, "status": "running"}))
     (out / "oof_predictions.csv").unlink()
@@ -129,7 +133,7 @@ def test_evaluate_and_predict_on_the_cv_folder(cv_run, data, tmp_path, capsys):
     from dermfast.models.classifier import load_classifier
     from dermfast.predict import load_predictor
     assert eval_main(["--checkpoint", str(cv_run)]) == 0  # no --data: the CV results
-    assert "3 folds, 21 images" in capsys.readouterr().out
+    assert "3 folds, 24 images" in capsys.readouterr().out
     out = tmp_path / "ev"
     assert eval_main(["--checkpoint", str(cv_run), "--data", str(data), "--out", str(out), "--bootstrap", "0",
                       "--no-report"]) == 0

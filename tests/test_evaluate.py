@@ -129,7 +129,7 @@ def test_tta_and_a_cnn_get_gradcam(tmp_path, data, capsys, monkeypatch):
     rc, out = run(["--checkpoint", str(ck), "--data", str(data), "--out", str(tmp_path / "tta"), "--tta",
                    "--explain", "2"], capsys)
     assert rc == 0, out.err
-    assert json.loads((tmp_path / "tta/metrics.json").read_text())["tta"] is True
+    assert json.loads((tmp_path / "tta/metrics.json").read_text())["tta"] == "flips"
     plain = [r["p_melanoma"] for r in read_preds(tmp_path / "plain/predictions.csv")]
     tta = [r["p_melanoma"] for r in read_preds(tmp_path / "tta/predictions.csv")]
     assert plain != tta

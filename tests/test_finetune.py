@@ -102,3 +102,39 @@ def test_bad_input_is_one_line_exit_2(mae_run, tmp_path, capsys, flags, expected
     assert train_main(["--stage", "finetune", "--max-steps", "1", "--out", str(tmp_path / "x"), *SMALL, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_min_steps_raises_epochs_and_warmup_counts_steps(cache, tmp_path, capsys):
+    out = tmp_path / "steps"
+    assert train_main(["--stage", "finetune", "--model", "convnext_atto", "--img-size", "32", "--epochs", "1",
+                       "--min-steps", "7", "--warmup-steps", "3", "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    import yaml
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    per_epoch = 153 // 32  # the toy set's 192 images: 153 in the training split, batches of 32 (last dropped)
+    assert cfg["epochs"] == 2 and cfg["min_steps"] == 7 and cfg["warmup_steps"] == 3
+    assert f"--epochs raised from 1 to 2 ({per_epoch} optimiser steps per epoch, 8 steps)" in printed
+    assert "warmup 3 ->" in printed and "; 8 steps" in printed
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[-1].split(",")[1] == "8"
+
+
+def test_ema_resume_is_exact_and_the_saved_model_is_the_average(cache, tmp_path):
+    from safetensors.torch import load_file
+    args = ["--stage", "finetune", "--model", "convnext_atto", "--img-size", "32", "--epochs", "2", "--ema", "0.9",
+            "--tta", "flips", "--checkpoint-every", "2", "--keep-checkpoints", "10", "--threads", "1", *SMALL]
+    ref = tmp_path / "ref"
+    assert train_main([*args, "--out", str(ref)]) == 0
+    meta = meta_of(ref / "checkpoint.safetensors")
+    assert meta["ema"] == 0.9 and meta["tta"] == "flips"
+    final = load_file(str(ref / "checkpoint.safetensors"))
+    raw = load_file(str(ref / "checkpoints" / "step_00000008" / "model.safetensors"))
+    ema = load_file(str(ref / "checkpoints" / "step_00000008" / "extra.safetensors"))
+    k = "head.fc.weight"
+    assert torch.equal(final[k], ema[f"stage/ema/{k}"]) and not torch.equal(final[k], raw[k])
+
+    (ref / "checkpoint.safetensors").unlink()  # resume the same run from its step-2 checkpoint
+    assert train_main([*args, "--out", str(ref), "--resume", str(ref / "checkpoints" / "step_00000002")]) == 0
+    resumed = load_file(str(ref / "checkpoint.safetensors"))
+    for key, v in final.items():
+        assert torch.equal(v, resumed[key]), key

@@ -109,5 +109,6 @@ def test_info_reports_the_backend_per_op():
     out = r.stdout
     assert "torch " in out and "op dispatch" in out
     assert "random_masking   -> torch" in out and "mae_loss         -> torch" in out
-    assert "triton  fits when asked for explicitly (interpreter on CPU)" in out
-    assert "cuda    the compiled extension" in out or "cuda    needs a CUDA tensor" in out
+    assert "triton      fits when asked for explicitly (interpreter on CPU)" in out
+    assert "cuda        the compiled extension" in out or "cuda        needs a CUDA tensor" in out
+    assert "sdpa_nested " in out and "flash_attn " in out  # the peers of masked_attention are listed too

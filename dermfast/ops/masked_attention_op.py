@@ -336,8 +336,17 @@ def _triton_head_dim(q: Query) -> str | None:
     return f"head dim {d} not in {TRITON_HEAD_DIMS} (needs Dh = 2^a or 2^a + 2^b, parts >= 16, Dh <= 128)"
 
 
+def _triton_fp32_on_gpu(q: Query) -> str | None:
+    """fp32 attention (ieee dot products) spills 0.1-90 KB of registers per thread in every autotune config on
+    sm_80 / sm_90 at ViT shapes (`python -m dermfast.info --resources --dtype float32`): the Triton kernel serves
+    fp16 / bf16 on a GPU (what bf16 autocast gives it) and fp32 only under the interpreter (CPU tests)."""
+    if q.dtype == torch.float32 and q.device.type == "cuda":
+        return "float32 on a GPU: every autotune config spills registers (info --resources); fp16 / bf16 only"
+    return None
+
+
 _triton_supports = all_of(needs_triton_device, dtype_in(torch.float16, torch.bfloat16, torch.float32),
-                          _triton_head_dim)
+                          _triton_fp32_on_gpu, _triton_head_dim)
 masked_attention_fwd_op = define_op("masked_attention", "attention within each image's visible patches (fwd)")
 masked_attention_fwd_op.register("triton", _triton_supports)(_triton_forward)
 masked_attention_fwd_op.register("torch")(_torch_forward)

@@ -121,6 +121,8 @@ def _launch_cases(presets: list[str], dtypes: list[str]):
                     o, lse = attn.forward(q, k, v, None, lens, Dh ** -0.5)
                     attn.backward(torch.empty_like(o), q, k, v, o, lse, None, None, lens, Dh ** -0.5)
 
+                if dname == "float32":  # masked_attention's Triton backend declines fp32 on a GPU (it spills)
+                    continue
                 yield f"{pname} attn packed L{L}", dname, packed
                 yield f"{pname} attn lengths L{L}", dname, padded
                 yield f"{pname} attn dense L{L}", dname, lambda L=L, dt=dt: padded(L, dt, lengths=False)

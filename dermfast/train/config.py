@@ -47,6 +47,7 @@ class TrainConfig:
     overwrite: bool = False          # replace a different or finished run already in --out
     resume: str | None = None        # a checkpoint folder or file to continue from, or 'auto' (the latest in --out)
     checkpoint_every: int = 0        # also checkpoint every N optimiser steps (0 = only at each epoch end and the end)
+    epoch_checkpoints: bool = True   # checkpoint at each epoch end (off: only every --checkpoint-every steps and the end)
     keep_checkpoints: int = 2        # keep the newest K step checkpoints (the final one is always kept)
     max_steps: int | None = None     # stop after this many optimiser steps; None = epochs * steps per epoch
     max_bad_steps: int = 5           # stop after this many non-finite losses in a row (each such step is skipped)

@@ -46,7 +46,7 @@ FOLD_KEYS = ("accuracy", "balanced_accuracy", "balanced_accuracy_val_threshold",
 PAIRED_KEYS = ("balanced_accuracy", "balanced_accuracy_val_threshold", "auroc")
 # options that may differ between a cross-validation and its --resume auto (as for one run; dermfast.train.preflight)
 _FREE = {"out", "resume", "overwrite", "progress", "device", "workers", "threads", "checkpoint_every",
-         "keep_checkpoints", "log_every", "eval_every", "max_bad_steps", "compile", "epochs", "max_steps"}
+         "epoch_checkpoints", "keep_checkpoints", "log_every", "eval_every", "max_bad_steps", "compile", "epochs", "max_steps"}
 
 
 def _log(msg: str) -> None:
@@ -197,16 +197,16 @@ def _probs(model, meta, records, device) -> np.ndarray:
     if len(records) == 0:
         return np.zeros((0, len(meta["classes"])))
     loader = build_loader(records, eval_augment(meta), 64, train=False, loader="torch", device=device, workers=0)
-    return predict(model, loader, device)[0]
+    return predict(model, loader, device, tta=meta.get("tta") or "none")[0]  # the views the model was trained for
 
 
 def _threshold(y: np.ndarray, probs: np.ndarray, pos: int | None) -> float | None:
     """The balanced-accuracy-best threshold of the positive class's probability (binary tasks with both classes
     present), else None (the arg-max rule)."""
-    from dermfast.eval.threshold import choose_threshold
+    from dermfast.eval.threshold import threshold_if_estimable
     if pos is None or probs.shape[1] != 2 or len(np.unique(y)) < 2:
         return None
-    return choose_threshold((y == pos).astype(np.int64), probs[:, pos])
+    return threshold_if_estimable((y == pos).astype(np.int64), probs[:, pos])  # None: too few of a class
 
 
 def decide(probs: np.ndarray, pos: int | None, t: float | None) -> np.ndarray:

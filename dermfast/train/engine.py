@@ -273,6 +273,12 @@ class _Trainer:
         cfg, r = self.cfg, self.r
         state = json.loads((path / "state.json").read_text())
         step, saved = state["step"], state.get("config", {})
+        if step >= self.total and not state.get("finished"):
+            # killed between its last step checkpoint and the end's files (checkpoint.safetensors, run.json):
+            # the loop runs no step, and the end is written from that checkpoint
+            r.log(f"resume: the run reached step {step} of {self.total} but did not finish writing its results: "
+                  "finishing it now")
+            return
         if step >= self.total:
             raise NothingToDo(f"{self.run_dir}: the {self.stage.name} run is at step {step} and this schedule "
                               f"ends at step {self.total}: nothing to resume (more --epochs trains it longer)")
@@ -365,7 +371,8 @@ class _Trainer:
                     if micro_in_step == 0:  # a finished epoch: evaluate and checkpoint here
                         if has_eval and not cfg.eval_every:
                             self._evaluate()
-                        self._checkpoint(mid_epoch=False)
+                        if cfg.epoch_checkpoints:
+                            self._checkpoint(mid_epoch=False)
         except torch.OutOfMemoryError:
             raise TrainingError(self._oom_message()) from None
         finally:
@@ -620,10 +627,11 @@ class _Trainer:
         files = [Path(p) for p in self.stage.finish(r) or []]
         if not self.world.is_main:
             return d
+        # the weights first, then the mark: a kill in between leaves an unfinished run that --resume auto finishes
+        ckpt.save_safetensors(d / "checkpoint.safetensors", weights, self._final_meta())
         state = json.loads((path / "state.json").read_text())
         state["finished"] = True
         ckpt.write_json(path / "state.json", state)
-        ckpt.save_safetensors(d / "checkpoint.safetensors", weights, self._final_meta())
         r.wrote(d / "checkpoint.safetensors")
         r.wrote(path)
         for f in files:

@@ -21,20 +21,33 @@ flag fits) when --init would leave any of the encoder's learnt weights (patch em
 block; for a timm model everything but the head) missing or of another shape, unless `--init-partial`
 (`dermfast.models.init_checkpoint`).
 
+Small data (issue 18): `--min-steps N` raises --epochs until the run has N optimiser steps and `--warmup-steps`
+counts the warmup in steps (both said in the run log); `--ema DECAY` averages the weights
+(`dermfast.train.ema`; evaluation, best.safetensors and checkpoint.safetensors hold the average, the
+checkpoint's extra state keeps it for an exact resume); `--tta none|flips|d4` averages the probabilities over
+test-time views (`dermfast.eval.tta`) and is recorded in the checkpoint ("tta") for evaluate / predict;
+`--dihedral` adds vertical flips and 90-degree rotations to the training augmentation. For a binary task the
+decision threshold is chosen on the validation split at each evaluation (`dermfast.eval.threshold`) and kept
+in the checkpoint metadata as "threshold": {"value": t, "source": "val"} when that split holds at least
+MIN_PER_CLASS (10) images of each class; below that a chosen threshold is noise, and the arg-max rule stays. `--select last` keeps no
+best.safetensors (the final weights are the model). With --data of fewer than 2000 labelled images the
+small-data recipe (`dermfast.train.small_data`) fills the options the user did not set, says so in one line
+and writes RUN/recipe.json; `--recipe none` turns it off.
+
 With no arguments: the `demo` MAE preset's ViT (64 px), from scratch, on the embedded dataset, on the CPU.
 Run directory (besides the engine's files): init_report.json (when --init is given), splits.csv,
-data_report.csv.
+data_report.csv, recipe.json.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
 from dermfast.train.config import ConfigError, DataConfig
 from dermfast.train.stages import Parts, Stage, register_stage
 
-SELECT_METRICS = ("balanced_accuracy", "pauc", "auroc", "macro_f1", "accuracy")
+SELECT_METRICS = ("balanced_accuracy", "pauc", "auroc", "macro_f1", "accuracy", "last")
 
 
 @dataclass
@@ -51,12 +64,18 @@ class FinetuneConfig(DataConfig):
     mixup: float = 0.0               # mixup alpha (0 = off; MAE fine-tuning uses 0.8)
     cutmix: float = 0.0              # cutmix alpha (0 = off; MAE fine-tuning uses 1.0)
     class_weights: bool = False      # weigh the cross-entropy by inverse class frequency of the training split
-    select: Literal["balanced_accuracy", "pauc", "auroc", "macro_f1", "accuracy"] = "balanced_accuracy"  # validation metric that picks best.safetensors
+    select: Literal["balanced_accuracy", "pauc", "auroc", "macro_f1", "accuracy", "last"] = "balanced_accuracy"  # validation metric that picks best.safetensors; last: none (the final weights are the model)
     positive: str | None = None      # the malignant class for pauc (default: melanoma / mel / malignant when present)
     balance: Literal["none", "equal"] = "equal"  # equal: class-balanced batches (rare classes oversampled); none: natural
     epochs: int = 10                 # passes over the training data
     batch_size: int = 64             # images per optimiser micro-step on each rank
     warmup_epochs: float = 1.0       # linear warmup length, in epochs
+    min_steps: int = 0               # at least this many optimiser steps: --epochs is raised to reach them (0 = off)
+    warmup_steps: int | None = None  # linear warmup length in optimiser steps (overrides --warmup-epochs)
+    ema: float = 0.0                 # EMA decay of the weights (e.g. 0.99; 0 = off): evaluation and the saved model use the average
+    tta: Literal["none", "flips", "d4"] = "none"  # test-time views averaged at evaluation (d4: the 8 dihedral ones), kept in the checkpoint
+    dihedral: bool = False           # training augmentation: random vertical flips and 90-degree rotations too (dermoscopy has no up)
+    recipe: Literal["auto", "small-data", "none"] = "auto"  # auto: the small-data recipe for --data with < 2000 labelled images (fills unset options only)
     out: str = "runs/finetune"       # run directory
 
     def __post_init__(self) -> None:
@@ -83,6 +102,12 @@ class FinetuneConfig(DataConfig):
                                   "(e.g. vit_tiny_patch16_224, deit3_small_patch16_224, convnext_atto)")
         if self.init is not None and not Path(self.init).expanduser().exists():
             raise ConfigError(f"--init {self.init!r} does not exist")
+        if self.min_steps < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ConfigError("--min-steps and --warmup-steps must be >= 0")
+        if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
+            raise ConfigError(f"--ema is a decay in (0, 1) (e.g. 0.99), or 0 for off; got {self.ema}")
+        if self.ema and self.fsdp:
+            raise ConfigError("--ema keeps a full copy of the weights: not with --fsdp (give one)")
 
 
 DEFAULT_PRESET = "demo"
@@ -201,7 +226,12 @@ class FinetuneStage(Stage):
 
     def resolve(self, cfg: FinetuneConfig, world) -> FinetuneConfig:
         from dermfast.evaluate import require_sklearn
+        from dermfast.train.small_data import apply_recipe, choose_recipe
         require_sklearn("finetune")
+        self.recipe = choose_recipe(cfg)  # before anything reads the model: it may fill --model / --img-size
+        apply_recipe(cfg, self.recipe)
+        if world.is_main and cfg.data is not None:
+            print(self.recipe.line())
         meta = _init_meta(cfg)
         if meta.get("stage") == "mae" and cfg.model != "mae_vit":
             raise ConfigError(f"--init {cfg.init} is an MAE checkpoint: it initialises --model mae_vit "
@@ -236,6 +266,7 @@ class FinetuneStage(Stage):
 
         from dermfast.data.augment import Augment, classify_augment
         from dermfast.eval.metrics import default_positive
+        from dermfast.eval.tta import tta_views
         from dermfast.models.classifier import build_classifier, group_keys, load_init
 
         cfg: FinetuneConfig = run.cfg
@@ -274,6 +305,11 @@ class FinetuneStage(Stage):
         model = model.to(run.device)
 
         self.aug = replace(classify_augment(self.spec.img_size), mean=self.spec.mean, std=self.spec.std)
+        if cfg.dihedral:
+            if not {"vflip", "rot90"} <= {f.name for f in fields(Augment)}:
+                raise ConfigError("--dihedral needs the vertical-flip / 90-degree-rotation augmentation "
+                                  "(Augment.vflip, Augment.rot90), which this dermfast lacks")
+            self.aug = replace(self.aug, vflip=0.5, rot90=True)
         self.eval_aug = Augment(size=self.spec.img_size, mean=self.spec.mean, std=self.spec.std)  # = evaluate's
         labels = self.train_rec.labels
         try:
@@ -283,6 +319,7 @@ class FinetuneStage(Stage):
             loader = run.train_loader(self.train_rec, self.aug, sampler)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self._schedule_in_steps(run, len(loader))
         self.val_loader = run.eval_loader(self.val_rec, self.eval_aug) if len(self.val_rec) else None
         if self.val_loader is None:
             run.log("finetune: the validation split is empty: no evaluation, best.safetensors is not kept")
@@ -298,11 +335,47 @@ class FinetuneStage(Stage):
             from timm.data import Mixup
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                                num_classes=len(self.classes))
+        self.ema = None
+        if cfg.ema:
+            from dermfast.train.ema import ModelEma
+            self.ema = ModelEma(model, cfg.ema)
+            run.log(f"finetune: EMA of the weights, decay {cfg.ema:g} (warm-up min(decay, (1 + n) / (10 + n))): "
+                    "evaluation, best.safetensors and checkpoint.safetensors use the average")
+        if cfg.tta != "none":
+            run.log(f"finetune: test-time augmentation {cfg.tta} ({len(tta_views(cfg.tta))} views) at evaluation; "
+                    "recorded in the checkpoint for evaluate / predict")
+        self.threshold = None
+        self._write_recipe(run)
         counts = ", ".join(f"{c} {n}" for c, n in self.train_rec.class_counts().items())
         start = f"init {cfg.init}" if cfg.init else "from scratch"
         return Parts(model=model, loader=loader, sampler=sampler,
                      summary=f"{cfg.model} ({start}), {len(self.classes)} classes, {len(self.train_rec)} train "
                              f"({counts}), {len(self.val_rec)} val, loader {loader.backend}")
+
+    def _schedule_in_steps(self, run, batches: int) -> None:
+        """--min-steps: raise --epochs until the run has that many optimiser steps; --warmup-steps: the warmup in
+        steps (as the engine's --warmup-epochs of this epoch length). Said in the run log; config.yaml keeps both."""
+        cfg: FinetuneConfig = run.cfg
+        per_epoch = batches // cfg.accum_steps
+        if per_epoch < 1:
+            return  # the engine refuses it with its own message
+        if cfg.min_steps and cfg.epochs * per_epoch < cfg.min_steps:
+            old = cfg.epochs
+            cfg.epochs = -(-cfg.min_steps // per_epoch)
+            run.log(f"finetune: --min-steps {cfg.min_steps}: --epochs raised from {old} to {cfg.epochs} "
+                    f"({per_epoch} optimiser steps per epoch, {cfg.epochs * per_epoch} steps)")
+        if cfg.warmup_steps is not None:
+            cfg.warmup_epochs = (cfg.warmup_steps + 0.5) * cfg.accum_steps / batches  # engine: int(this x steps/epoch)
+            run.log(f"finetune: warmup {cfg.warmup_steps} optimiser steps (--warmup-steps)")
+
+    def _write_recipe(self, run) -> None:
+        recipe = getattr(self, "recipe", None)
+        if recipe is None or not run.is_main:
+            return
+        import json
+        path = run.run_dir / "recipe.json"
+        path.write_text(json.dumps(recipe.to_dict(), indent=1))
+        run.wrote(path)
 
     def param_groups(self, model, cfg: FinetuneConfig):
         if cfg.layer_decay >= 1.0:
@@ -327,19 +400,70 @@ class FinetuneStage(Stage):
         loss = F.cross_entropy(logits.float(), y, weight=self.weight, label_smoothing=cfg.label_smoothing)
         return loss, {"acc": (logits.argmax(1) == y).float().mean()}
 
+    def uses_after_step(self, cfg) -> bool:
+        return bool(cfg.ema)  # without EMA the hook does nothing: no host sync per step for it
+
+    def after_step(self, run) -> None:
+        if self.ema is not None:
+            self.ema.update(run.raw_model)
+
+    def extra_state(self):
+        return ({}, {}) if self.ema is None else self.ema.state()
+
+    def load_extra_state(self, tensors, meta) -> None:
+        if self.ema is None:
+            return
+        if "updates" not in meta:
+            raise ConfigError("the checkpoint holds no EMA state (the run was written without --ema): resume "
+                              "it without --ema, or start afresh")
+        try:
+            self.ema.load_state(tensors, meta)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def evaluate(self, run) -> dict | None:
+        """The validation metrics (evaluate's), of the EMA weights when --ema and over the --tta views; for a
+        binary task also the threshold chosen on these predictions (`threshold`) and the balanced accuracy there
+        (optimistic: chosen on the same images)."""
         if self.val_loader is None:
             return None
-        from dermfast.evaluate import validation_metrics
-        return validation_metrics(run.model, self.val_loader, run.device, self.classes, self.positive,
-                                  autocast=run.autocast())
+        import contextlib
+
+        import numpy as np
+
+        from dermfast.eval import metrics as M
+        from dermfast.eval.tta import predict_tta
+        with (self.ema.swapped_in(run.raw_model) if self.ema is not None else contextlib.nullcontext()):
+            probs, y = predict_tta(run.model, self.val_loader, run.device, run.cfg.tta, run.autocast())
+        pred = probs.argmax(1)  # the metrics of evaluate.validation_metrics, on these probabilities
+        out = {"balanced_accuracy": M.balanced_accuracy(y, pred), "accuracy": M.accuracy(y, pred),
+               "macro_f1": M.macro_f1(y, pred), "auroc": M.auroc(y, probs), "pauc": None}
+        if self.positive is not None:
+            out["pauc"] = M.pauc_above_tpr(y == self.classes.index(self.positive),
+                                           probs[:, self.classes.index(self.positive)])
+        self.threshold = None
+        if len(self.classes) == 2 and self.positive is not None and len(np.unique(y)) == 2:
+            from dermfast.eval.threshold import balanced_accuracy_at, threshold_if_estimable
+            k = self.classes.index(self.positive)
+            self.threshold = threshold_if_estimable(y == k, probs[:, k])  # None: too few of a class to choose one
+            if self.threshold is not None:
+                out["threshold"] = self.threshold
+                out["balanced_accuracy_at_threshold"] = balanced_accuracy_at(y == k, probs[:, k], self.threshold)
+        return out
 
     def selection(self, cfg: FinetuneConfig):
-        return (cfg.select, "max")
+        return None if cfg.select == "last" else (cfg.select, "max")
+
+    def final_weights(self, run) -> dict:
+        return run.model_state_dict() if self.ema is None else self.ema.state_dict_cpu()
 
     def final_meta(self, run) -> dict:
         from dermfast.models.classifier import classifier_metadata
-        extra = {"positive": self.positive, "init": run.cfg.init}
+        cfg: FinetuneConfig = run.cfg
+        extra = {"positive": self.positive, "init": cfg.init, "tta": cfg.tta, "ema": cfg.ema or None,
+                 "recipe": self.recipe.name if getattr(self, "recipe", None) else None}
+        if self.threshold is not None:
+            extra["threshold"] = {"value": self.threshold, "source": "val"}
         if self.init_report is not None:
             r = self.init_report
             extra["init_keys"] = {"loaded": len(r.loaded), "missing": r.missing, "unexpected": len(r.unexpected),

@@ -17,7 +17,7 @@ from dermfast.train.distributed import World
 # Options that may differ between a run and its resumption (they change neither the math nor the data; except
 # --threads on CPU: see `resume_threads`).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "device", "workers", "threads", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "eval_every", "max_bad_steps", "compile"}
+                     "epoch_checkpoints", "keep_checkpoints", "log_every", "eval_every", "max_bad_steps", "compile"}
 # Options that lengthen (or shorten) a run resumed with --resume auto: the schedule is recomputed (printed).
 SCHEDULE_CHANGES = {"epochs", "max_steps"}
 
