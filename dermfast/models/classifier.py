@@ -40,8 +40,27 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot serve the request (wrong stage, missing file, class mismatch): one line."""
 
 
+class ModelSpecJSON:
+    """JSON form of a model spec dataclass with `mean` / `std` tuples (the checkpoint metadata of classifiers and
+    segmenters): `to_dict` for the metadata, `from_dict` ignoring keys the class does not know."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class ClassifierSpec:
+class ClassifierSpec(ModelSpecJSON):
     arch: str                        # "mae_vit" or a timm model name
     num_classes: int
     img_size: int
@@ -52,19 +71,6 @@ class ClassifierSpec:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ClassifierSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        for k in ("mean", "std"):
-            if k in d:
-                d[k] = tuple(float(v) for v in d[k])
-        return cls(**d)
 
 
 def _mae_vit(spec: ClassifierSpec) -> nn.Module:

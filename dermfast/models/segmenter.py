@@ -15,7 +15,6 @@ Two families, one description (`SegmenterSpec`) that checkpoints carry so `load_
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dermfast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dermfast.models.classifier import ModelSpecJSON
 
 ARCHS = ("unet", "vit", "otsu")
 DEFAULT_ENCODER = {"unet": "resnet10t", "vit": "mae_vit"}
 
 
 @dataclass(frozen=True)
-class SegmenterSpec:
+class SegmenterSpec(ModelSpecJSON):
     arch: str                        # unet | vit | otsu
     encoder: str | None = None       # unet: a timm CNN name; vit: "mae_vit" (MAE preset) or a timm ViT name
     img_size: int = 128
@@ -38,19 +38,6 @@ class SegmenterSpec:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SegmenterSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        for k in ("mean", "std"):
-            if k in d:
-                d[k] = tuple(float(v) for v in d[k])
-        return cls(**d)
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
