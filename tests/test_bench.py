@@ -188,7 +188,8 @@ def test_default_out_leaves_the_checkout_clean(fake_dir, tmp_path, monkeypatch, 
 
     assert bench.main([*args, "--out", str(tmp_path / "committed")]) == 0
     assert [p.name for p in (tmp_path / "committed").glob("*.csv")] == [made[0].name]
-    assert "--out benchmarks/results" in (BENCH_DIR / "run_gpu.sh").read_text()
+    script = (BENCH_DIR / "run_gpu.sh").read_text()
+    assert "RESULTS=benchmarks/results" in script and '--out "$RESULTS"' in script
 
 
 def test_console_fits_120_columns(fake_dir, tmp_path, capsys):
