@@ -333,10 +333,12 @@ def collect(out: Path, cfg) -> dict:
               "model": {"mean_std": {key: _spread([e["model"].get(key) for e in per_fold]) for key in FOLD_KEYS},
                         "pooled_oof": pooled},
               "threshold": None, "baseline": None, "paired_difference": None, "verdict": None}
-    if pos is not None and len(classes) == 2:
-        result["threshold"] = {"value": _threshold(y, probs_all, pos), "source": "oof", "positive_class": positive,
-                               "note": "chosen on the pooled out-of-fold predictions, for new data; the metrics "
-                                       "above use each fold's validation threshold"}
+    t_oof = _threshold(y, probs_all, pos) if pos is not None and len(classes) == 2 else None
+    if t_oof is not None:  # None: fewer than MIN_PER_CLASS images of a class in the whole data: the arg-max rule
+        result["threshold"] = {"value": t_oof, "source": "oof", "positive_class": positive,
+                               "note": "chosen on the pooled out-of-fold predictions, for new data; the fold "
+                                       "metrics use each fold's validation threshold where that split holds >= "
+                                       "10 images of each class, else the arg-max"}
     if has_base:
         bpred = np.array([decide(base_all[i:i + 1], pos, per_fold[fold_of[i] - 1]["baseline_threshold"])[0]
                           for i in range(len(y))], dtype=np.int64)
