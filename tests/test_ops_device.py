@@ -29,8 +29,8 @@ def test_no_op_module_keeps_its_own_copy():
     """No module of dermfast/ops defines `_on_device` or `on_device` again; the ones that launch Triton
     (`from dermfast.kernels import ...` inside a function) import the shared one."""
     for path in sorted(OPS_DIR.glob("*.py")):
-        if path.name == "_device.py":
-            continue
+        if path.name == "_device.py" or path.name.startswith("resources"):
+            continue  # resources*.py compiles kernels on fake tensors (info --resources) and never launches one
         tree = ast.parse(path.read_text(encoding="utf-8"))
         defined = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                    and n.name in ("on_device", "_on_device")]
