@@ -170,6 +170,22 @@ def _report(out: Path, metrics, member_metrics, classes, y, probs, records, memb
     R.write_report(out / "report.html", metrics, member_metrics, classes, figures, errors, explanations, method, notes)
 
 
+def _load_baseline(folder: Path, classes, notes: list):
+    """The trivial baseline saved in `folder`, checked against the model's classes; None (said in notes) when the
+    run has none (runs from before it existed)."""
+    from dermfast.eval import baseline as B
+    try:
+        base = B.load(folder)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if base is None:
+        notes.append(f"no trivial baseline: {folder} does not exist (the run predates it)")
+        return None
+    if base.classes != list(classes):
+        raise EvalError(f"{folder}: the baseline's classes {base.classes} are not the model's {list(classes)}")
+    return base
+
+
 def _baseline(first: Path, records, y, classes, positive, n_boot: int, metrics: dict, n_members: int,
               notes: list, fold_runs: list[Path] | None = None) -> tuple[dict | None, str | None]:
     """The run's trivial baseline (RUN/baseline/, `dermfast.eval.baseline`) scored on the same images with the
@@ -180,15 +196,9 @@ def _baseline(first: Path, records, y, classes, positive, n_boot: int, metrics: 
     if fold_runs is not None:
         return _cv_baseline(fold_runs, records, y, classes, positive, n_boot, metrics, notes)
     folder = (_run_dir_of(first) or first.parent) / "baseline"
-    try:
-        base = B.load(folder)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
+    base = _load_baseline(folder, classes, notes)
     if base is None:
-        notes.append(f"no trivial baseline: {folder} does not exist (the run predates it)")
         return None, None
-    if base.classes != list(classes):
-        raise EvalError(f"{folder}: the baseline's classes {base.classes} are not the model's {list(classes)}")
     probs = base.predict_records(records)
     block = M.compute_all(y, probs, classes, positive)
     if n_boot > 0:
@@ -207,15 +217,9 @@ def _cv_baseline(runs: list[Path], records, y, classes, positive, n_boot: int, m
     from dermfast.eval import metrics as M
     bases = []
     for run in runs:
-        try:
-            base = B.load(run / "baseline")
-        except ValueError as e:
-            raise EvalError(str(e)) from None
+        base = _load_baseline(run / "baseline", classes, notes)
         if base is None:
-            notes.append(f"no trivial baseline: {run / 'baseline'} does not exist")
             return None, None
-        if base.classes != list(classes):
-            raise EvalError(f"{run}/baseline: the baseline's classes {base.classes} are not the model's {classes}")
         bases.append(base)
     probs = np.mean([b.predict_records(records) for b in bases], axis=0)
     block = M.compute_all(y, probs, classes, positive)

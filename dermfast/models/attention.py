@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention, AttentionRope
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
 from torch import nn
 
-from dermfast.models.patch import PatchReport, attention_like, autocast_qkv, qualname, set_report
+from dermfast.models.patch import (PatchReport, attention_like, autocast_qkv, biased_qkv, qualname,
+                                   set_report)
 from dermfast.models.patch_beit import MaskedBeitAttention
 from dermfast.ops.masked_attention_op import masked_attention
 
@@ -206,15 +206,7 @@ class MaskedEvaAttention(_RopeMasked, EvaAttention):
     def _project(self, x):
         B, N, _ = x.shape
         if self.qkv is not None:  # timm/models/eva.py EvaAttention.forward, transcribed
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x)
-                    qkv += qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+            qkv = biased_qkv(self, x)
             return qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return tuple(p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
                      for p in (self.q_proj, self.k_proj, self.v_proj))

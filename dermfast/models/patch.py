@@ -45,6 +45,19 @@ class PatchReport:
         return "\n".join([head, *self.lines()])
 
 
+def biased_qkv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's fused qkv projection with separate q / k / v biases (EvaAttention and BEiT's Attention write it the
+    same way: `q_bias`, `k_bias`, `v_bias`, `qkv_bias_separate`), transcribed: x [B, N, C] -> qkv [B, N, 3 C']."""
+    if m.q_bias is None:
+        return m.qkv(x)
+    qkv_bias = torch.cat((m.q_bias, m.k_bias, m.v_bias))
+    if m.qkv_bias_separate:
+        qkv = m.qkv(x)
+        qkv += qkv_bias
+        return qkv
+    return torch.nn.functional.linear(x, weight=m.qkv.weight, bias=qkv_bias)
+
+
 def autocast_qkv(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Under autocast, q, k, v in the autocast dtype, as autocast does for SDPA (qk_norm's LayerNorm runs in
     fp32 under autocast while v stays bf16; timm's and HF's SDPA calls are cast the same way). x: the module's

@@ -20,10 +20,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from timm.models.beit import Attention as BeitAttention
 
-from dermfast.models.patch import autocast_qkv
+from dermfast.models.patch import autocast_qkv, biased_qkv
 from dermfast.ops.attention_bias_op import attention_bias
 from dermfast.ops.masked_attention_op import masked_attention
 
@@ -46,15 +45,7 @@ class MaskedBeitAttention(BeitAttention):
         if self.training and self.attn_drop.p > 0:
             return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
         B, N, _ = x.shape
-        if self.q_bias is None:  # timm/models/beit.py Attention.forward, transcribed
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x)
-                qkv += qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = biased_qkv(self, x)  # timm/models/beit.py Attention.forward, transcribed
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh]
         bias = None
         if self.relative_position_bias_table is not None:
